@@ -1,0 +1,38 @@
+"""Evaluation metrics: top-1, per-class accuracy, expected calibration error, confusion matrix."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, num_classes: int,
+             batch_size: int, ece_bins: int = 15) -> dict:
+    """Metrics of `predict` (inputs -> class scores) on (x, y); one host sync at the end.
+
+    Returns top1 (in %), nll, ece (in %, equal-width confidence bins), per_class_top1 (list, %),
+    confusion (list of rows: true class -> counts of predicted classes).
+    """
+    confusion = torch.zeros(num_classes * num_classes, device=y.device, dtype=torch.long)
+    bins = torch.zeros(3, ece_bins, device=y.device, dtype=torch.float64)  # count, conf sum, correct sum
+    nll = torch.zeros((), device=y.device, dtype=torch.float64)
+    for lo in range(0, len(x), batch_size):
+        scores = predict(x[lo:lo + batch_size]).float()
+        target = y[lo:lo + batch_size]
+        logp = scores.log_softmax(-1)
+        conf, pred = logp.exp().max(-1)
+        nll += -logp.gather(1, target[:, None]).sum().double()
+        confusion += torch.bincount(target * num_classes + pred, minlength=num_classes ** 2)
+        b = (conf * ece_bins).long().clamp_(max=ece_bins - 1)
+        for row, values in enumerate((torch.ones_like(conf), conf, (pred == target).float())):
+            bins[row].index_add_(0, b, values.double())
+    confusion = confusion.view(num_classes, num_classes)
+    n = confusion.sum().clamp(min=1)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    ece = (bins[1] - bins[2]).abs().sum() / n
+    top1 = confusion.diag().sum() / n
+    values = torch.stack([top1.double(), nll / n, ece.double()]).tolist()
+    return {"top1": 100 * values[0], "nll": values[1], "ece": 100 * values[2],
+            "per_class_top1": [100 * v for v in per_class.tolist()], "confusion": confusion.tolist()}

@@ -1,0 +1,362 @@
+"""The training loop. Every hook call site of ssltrain is in this file.
+
+    ssl_configure(config, plugins)                              # once: validate the combination
+    model = ssl_build_model(config, num_classes, input_shape)   # one owner; wrappers may edit
+    for step in range(start, steps):
+        batch = draw(step)                                      # device tensors, default views
+        ssl_modify_batch(batch, ctx)                            # plugins, in `plugins:` order
+        closure(params=None, labeled_only=False):               # reruns the step's losses
+            outputs = ssl_forward(model, batch, ctx, forward)
+            sup     = ssl_supervised_loss(outputs, batch, ctx, forward)       # [B_l]
+            terms   = ssl_unlabeled_loss(outputs, batch, ctx, forward)        # collected LossTerms
+            w       = ssl_unlabeled_weights(outputs, batch, ctx)              # [B_u] or None
+            total   = mean(sup) + sum(term.weight * mean(w * term.per_sample))
+        result = ssl_optimizer_step(closure, model, optimizer, scaler, ctx)  # plugins may wrap
+        scheduler.step(); ema.update()
+        ssl_step_end(result, batch, ctx)
+        every log_every:  ssl_metrics(result, ctx) -> TensorBoard      # the only host syncs
+        every eval_every: evaluate with ssl_predict(ema model, x); ssl_evaluate_end(...)
+        every checkpoint_every: ssl_state_dict(state) -> checkpoints/last.pt (atomic)
+    resume: checkpoint -> ssl_load_state_dict(state)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.func import functional_call
+
+from . import checkpoint
+from .config import RunConfig
+from .data import Augmenter, BatchStream, build_data
+from .defaults import CoreDefaults
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, PluginContractError, SSLTrainError
+from .evaluate import evaluate
+from .optim import EMA, build_optimizer, build_scheduler, frozen_bn
+from .plugins import build_manager, discover
+from .tblog import RunLogger
+from .types import LossResult, LossTerm, SSLBatch, StepContext
+
+
+class Interrupted(SSLTrainError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+
+def reduce_term(term: LossTerm, weights, batch_u: int) -> torch.Tensor:
+    """weight * mean(w * per_sample), checking the LossTerm contract (no host sync)."""
+    if not isinstance(term, LossTerm) or "/" not in term.name:
+        raise PluginContractError(f"ssl_unlabeled_loss must return LossTerm(name='<plugin>/<term>', ...), got {term!r}")
+    ps = term.per_sample
+    if not ps.is_floating_point():
+        raise PluginContractError(f"loss term {term.name!r}: per_sample must be floating point, got {ps.dtype}")
+    if term.weighted:
+        if ps.dim() == 0 or ps.shape[0] != batch_u:
+            raise PluginContractError(
+                f"loss term {term.name!r}: per_sample has shape {tuple(ps.shape)} but the unlabeled batch has "
+                f"{batch_u} rows; return one loss per unlabeled sample ([B_u] or [B_u, V]) or set weighted=False")
+        if weights is not None:
+            ps = ps * weights.view(-1, *([1] * (ps.dim() - 1)))
+    return term.weight * ps.float().mean()
+
+
+def _as_terms(results) -> list[LossTerm]:
+    return [t for r in results if r is not None for t in (r if isinstance(r, (list, tuple)) else [r])]
+
+
+class Trainer:
+    """Builds a run from a validated config (plugins, data, model, optimizer) and trains it."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, classes: dict[str, type] | None = None):
+        self.config, self.run_dir = config, Path(run_dir)
+        tc = config.train
+        self.device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        amp = tc.amp if tc.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        if tc.cpu_threads:
+            torch.set_num_threads(tc.cpu_threads)
+        _seed_everything(config.seed)
+        self.pm = build_manager(config, classes if classes is not None else discover(), CoreDefaults(config))
+        self.hook = self.pm.hook
+        self.hook.ssl_configure(config=config, plugins=list(config.plugins))
+        self.data = build_data(config, self.device)
+        channels_last = tc.channels_last if tc.channels_last is not None else (
+            self.device.type == "cuda" and self.data.kind == "image")
+        model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
+                                          input_shape=self.data.input_shape)
+        self.model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, tc.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.train_model = torch.compile(self.model) if tc.compile else self.model
+        self.augment = Augmenter(config.data, self.data, channels_last)
+        self.uses_unlabeled = bool(self.hook.ssl_unlabeled_loss.get_hookimpls())
+        self.labeled = BatchStream(self.data.labeled_idx, config.data.batch_size, config.seed)
+        self.unlabeled = BatchStream(self.data.unlabeled_idx, config.data.unlabeled_batch_size, config.seed + 1)
+        self.step = 0
+        self.history: list[list[float]] = []  # [step, test top1] per evaluation
+        self.seconds = {"wall": 0.0, "train": 0.0}
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def predict(self, model, x):
+        with self.autocast():
+            return self.hook.ssl_predict(model=model, x=x)
+
+    def draw(self, step: int) -> SSLBatch:
+        """The batch of `step`: labeled (and, when a plugin uses them, unlabeled) rows with default views."""
+        view = self.config.data.augment
+        li = self.labeled.at(step)
+        raw_l = self.augment.raw(self.data.train_x[li])
+        ui = self.unlabeled.at(step) if self.uses_unlabeled else li[:0]
+        raw_u = self.augment.raw(self.data.train_x[ui])
+        return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[li],
+                        x_u=self.augment.view(raw_u, view.unlabeled_view), raw_l=raw_l, raw_u=raw_u,
+                        y_u_hidden=self.data.y_hidden[ui], idx_u=ui)
+
+    def forward_fn(self, params=None):
+        """The model call of a closure: the (compiled) model, or a functional call on `params`
+        with copied buffers, so that a virtual step changes nothing in the real model."""
+        buffers = None if params is None else {n: b.clone() for n, b in self.model.named_buffers()}
+
+        def forward(x, update_bn: bool = True) -> dict:
+            with self.autocast(), (contextlib.nullcontext() if update_bn else frozen_bn(self.model)):
+                out = self.train_model(x) if params is None else functional_call(self.model, (params, buffers), (x,))
+            return out if isinstance(out, dict) else {"logits": out}
+        return forward
+
+    def make_closure(self, batch: SSLBatch, ctx: StepContext):
+        hook = self.hook
+
+        def closure(params=None, labeled_only: bool = False) -> LossResult:
+            forward = self.forward_fn(params)
+            b = dataclasses.replace(batch, x_u=batch.x_u[:0]) if labeled_only else batch
+            model = self.train_model if params is None else self.model
+            outputs = hook.ssl_forward(model=model, batch=b, ctx=ctx, forward=forward)
+            sup = hook.ssl_supervised_loss(outputs=outputs, batch=b, ctx=ctx, forward=forward)
+            total = sup.float().mean()
+            reduced, terms, weights = {"supervised": total}, [], None
+            if not labeled_only:
+                terms = _as_terms(hook.ssl_unlabeled_loss(outputs=outputs, batch=b, ctx=ctx, forward=forward))
+                weights = hook.ssl_unlabeled_weights(outputs=outputs, batch=b, ctx=ctx) if terms else None
+                for term in terms:
+                    reduced[term.name] = reduce_term(term, weights, b.x_u.shape[0])
+                    total = total + reduced[term.name]
+            return LossResult(total=total, supervised=sup, terms=terms, reduced=reduced, weights=weights, outputs=outputs)
+        return closure
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        tc, hook = self.config.train, self.hook
+        logger = RunLogger(self.run_dir, tc.steps, self.step, tc.progress)
+        if self.step == 0:
+            logger.text("config", "```\n" + yaml.safe_dump(self.config.to_dict(), sort_keys=False) + "\n```")
+        sums: dict[str, torch.Tensor] = {}
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        stop = _StopFlag()
+        rows_per_step = self.config.data.batch_size + (self.config.data.unlabeled_batch_size if self.uses_unlabeled else 0)
+        t_start = t_log = time.perf_counter()
+        steps_since_log, eval_seconds = 0, 0.0
+        predict = lambda x: self.predict(self.train_model, x)  # noqa: E731  (label guessing, current model)
+        with stop, logger:
+            self.model.train()
+            for step in range(self.step, tc.steps):
+                done = step + 1
+                is_log = done % tc.log_every == 0 or done == tc.steps
+                ctx = StepContext(step=step, total_steps=tc.steps, num_classes=self.data.num_classes,
+                                  device=self.device, amp_dtype=self.amp_dtype, predict=predict,
+                                  augment=self.augment.view, is_log_step=is_log)
+                batch = self.draw(step)
+                hook.ssl_modify_batch(batch=batch, ctx=ctx)
+                result = hook.ssl_optimizer_step(closure=self.make_closure(batch, ctx), model=self.model,
+                                                 optimizer=self.optimizer, scaler=self.scaler, ctx=ctx)
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
+                hook.ssl_step_end(result=result, batch=batch, ctx=ctx)
+                total = result.loss.total.detach()
+                first_bad = torch.where(torch.isfinite(total) | (first_bad >= 0), first_bad, step)
+                for name, value in {"total": total, **result.loss.reduced}.items():
+                    sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+                steps_since_log += 1
+                self.step = done
+                is_eval = done % tc.eval_every == 0 or done == tc.steps
+                is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stop.requested
+                if is_log or is_eval or is_ckpt:
+                    now = time.perf_counter()
+                    values = self._read_losses(sums, first_bad, steps_since_log)
+                    values["core/lr"] = self.optimizer.param_groups[0]["lr"]
+                    values["core/samples_per_second"] = rows_per_step * steps_since_log / max(now - t_log, 1e-9)
+                    for extra in hook.ssl_metrics(result=result, ctx=ctx):
+                        values.update({k: float(v) for k, v in (extra or {}).items()})
+                    logger.scalars(values, done)
+                    logger.progress(done, {k: v for k, v in values.items() if k.startswith("loss/")})
+                    sums, steps_since_log, t_log = {}, 0, now
+                if is_eval:
+                    t0 = time.perf_counter()
+                    self.evaluate(done, logger)
+                    eval_seconds += time.perf_counter() - t0
+                if is_ckpt:
+                    self.save_checkpoint(time.perf_counter() - t_start, eval_seconds)
+                    t_start, eval_seconds = time.perf_counter(), 0.0
+                if stop.requested:
+                    raise Interrupted(f"stopped by signal at step {done}; checkpoint written to "
+                                      f"{self.run_dir / 'checkpoints' / 'last.pt'}; continue with --resume")
+        return self.write_summary()
+
+    def _read_losses(self, sums, first_bad, count) -> dict[str, float]:
+        """Mean of each loss term since the last read: one host sync. Raises on a non-finite loss."""
+        names = list(sums)
+        values = torch.stack([sums[n].float() for n in names] + [first_bad.float()]).tolist()
+        if values[-1] >= 0:
+            bad = [n for n, v in zip(names, values) if n != "total" and not math.isfinite(v)] or ["total"]
+            where = ", ".join(f"{n!r}" + (f" (plugin {n.split('/')[0]!r})" if "/" in n else "") for n in bad)
+            raise NonFiniteLossError(
+                f"loss term {where} became non-finite at step {int(values[-1])}; the run stopped and the last good "
+                f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower the learning rate or the term's weight, "
+                f"or use train.amp=none)")
+        return {(f"loss/{n}" if n in ("total", "supervised") else n): v / count for n, v in zip(names, values)}
+
+    def evaluate(self, step: int, logger: RunLogger | None = None) -> dict:
+        """Test metrics of the EMA model (when EMA is on) through `ssl_predict`."""
+        model = self.ema.module if self.ema is not None else self.model
+        model.eval()
+        metrics = evaluate(lambda x: self.predict(model, self.augment(x, "none")), self.data.test_x,
+                           self.data.test_y, self.data.num_classes, self.config.train.eval_batch_size)
+        metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
+        self.model.train()
+        if logger is not None:
+            self.history.append([step, metrics["top1"]])
+            logger.evaluation(step, metrics)
+            self.hook.ssl_evaluate_end(model=model, data=self.data, metrics=metrics, step=step, logger=logger)
+        return metrics
+
+    # --- checkpoints and summary -----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        plugin_state: dict = {}
+        self.hook.ssl_state_dict(state=plugin_state)
+        return {"step": self.step, "config": self.config.to_dict(), "model": self.model.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "plugins": plugin_state, "history": self.history,
+                "seconds": dict(self.seconds), "rng": _rng_state()}
+
+    def save_checkpoint(self, wall: float, eval_seconds: float) -> None:
+        self.seconds["wall"] += wall
+        self.seconds["train"] += wall - eval_seconds
+        state = self.state_dict()
+        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+        if self.history and self.history[-1][1] >= max(t for _, t in self.history) and self.history[-1][0] == self.step:
+            checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
+
+    def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this model: {exc}") from None
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.hook.ssl_load_state_dict(state=state["plugins"])
+        self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
+        _set_rng_state(state["rng"])
+
+    def write_summary(self) -> dict:
+        tops = [t for _, t in self.history]
+        summary = {"test_top1": tops[-1], "best_test_top1": max(tops),
+                   "median_last_test_top1": statistics.median(tops[-self.config.train.median_last:]),
+                   "median_last_n": len(tops[-self.config.train.median_last:]),
+                   "evaluated_model": "ema" if self.ema is not None else "online",
+                   "steps": self.step, "wall_seconds": self.seconds["wall"],
+                   "train_samples_per_second": self.step * (self.config.data.batch_size + (
+                       self.config.data.unlabeled_batch_size if self.uses_unlabeled else 0)) / max(self.seconds["train"], 1e-9),
+                   "plugins": list(self.config.plugins), "num_labeled": len(self.data.labeled_idx)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes: dict[str, type] | None = None) -> dict:
+    """Train `config` into `run_dir` (or continue it from checkpoints/last.pt); returns the summary."""
+    run_dir = Path(run_dir)
+    trainer = Trainer(config, run_dir, classes)
+    if resume:
+        state = checkpoint.load(checkpoint.find(run_dir))
+        _check_same_run(state["config"], config.to_dict())
+        trainer.load_state_dict(state)
+        if trainer.step >= config.train.steps:
+            return trainer.write_summary()
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
+    return trainer.fit()
+
+
+def _check_same_run(saved: dict, current: dict) -> None:
+    """Resuming is allowed with other `train.*` settings (e.g. more steps), nothing else."""
+    diff = sorted(k for k in set(saved) | set(current) if k != "train" and saved.get(k) != current.get(k))
+    if diff:
+        raise ConfigError(f"--resume with a different config: sections {diff} differ from the checkpoint's; "
+                          f"resume with the run's own config.yaml, or start a new run with another --out")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopFlag:
+    """Within the `with` block, SIGINT/SIGTERM set `requested` instead of killing the run."""
+
+    requested = False
+
+    def __enter__(self):
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)

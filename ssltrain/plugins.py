@@ -1,0 +1,112 @@
+"""Plugin discovery and the per-run plugin manager.
+
+Built-in and third-party plugins load the same way: from the `ssltrain.plugins` entry-point
+group (`[project.entry-points."ssltrain.plugins"] name = "package.module:PluginClass"`).
+Only plugins listed in the YAML `plugins:` list are active, and hooks run in that order.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginConflictError, PluginError
+
+ENTRY_POINT_GROUP = "ssltrain.plugins"
+DEFAULTS_NAME = "ssltrain.defaults"
+TRACE_ENV = "SSLTRAIN_TRACE_HOOKS"
+
+
+class SSLPlugin:
+    """Optional base class for plugins.
+
+    A plugin class is built with its validated config section (an instance of its `Config`
+    pydantic model, or None when `Config` is None) and registered under its name (`self.name`).
+    Hooks are methods decorated with `ssltrain.hookimpl`.
+    """
+
+    Config = None
+    name: str = ""
+
+    def __init__(self, config=None):
+        self.config = config
+
+
+def discover() -> dict[str, type]:
+    """Import every installed plugin class, keyed by entry-point name."""
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception as exc:  # a broken third-party package must say which one it is
+            dist = getattr(ep.dist, "name", "?")
+            raise PluginError(f"error importing plugin {ep.name!r} ({ep.value}, from {dist}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return found
+
+
+def schemas(classes: dict[str, type]) -> dict:
+    """Plugin name -> its Config class (or None)."""
+    return {name: getattr(cls, "Config", None) for name, cls in classes.items()}
+
+
+def hooks_of(obj) -> list[str]:
+    """Names of the hooks a plugin class or instance implements."""
+    return sorted(n for n in dir(obj) if n.startswith("ssl_")
+                  and hasattr(getattr(obj, n, None), f"{hookspecs.PROJECT}_impl"))
+
+
+def build_manager(config, classes: dict[str, type], defaults) -> pluggy.PluginManager:
+    """A fresh plugin manager for one run: core defaults plus the active plugins, checked."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(defaults, name=DEFAULTS_NAME)
+    for name in reversed(config.plugins):  # pluggy calls last-registered first: YAML order
+        plugin = classes[name](config.plugin_configs.get(name))
+        plugin.name = name
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name!r} implements a hook wrongly: {exc}\n"
+                              f"hook arguments must be a subset of the spec's (see `ssltrain hooks`)") from None
+    _check_pending(pm)
+    _check_one_owner(pm)
+    if os.environ.get(TRACE_ENV):
+        _trace(pm)
+    return pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    specs = [n for n in dir(hookspecs) if n.startswith("ssl_")]
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if isinstance(caller, pluggy.HookCaller) and not caller.has_spec():
+            plugins = [i.plugin_name for i in caller.get_hookimpls()]
+            close = difflib.get_close_matches(name, specs, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginError(f"plugin {plugins[0]!r} implements unknown hook {name!r}{hint}; "
+                              f"known hooks: {specs}")
+
+
+def _check_one_owner(pm: pluggy.PluginManager) -> None:
+    for name in hookspecs.ONE_OWNER:
+        owners = [i.plugin_name for i in getattr(pm.hook, name).get_hookimpls()
+                  if not (i.wrapper or i.hookwrapper) and i.plugin_name != DEFAULTS_NAME]
+        if len(owners) > 1:
+            owners = sorted(owners)
+            raise PluginConflictError(
+                f"hook {name!r} can have one owner, but enabled plugins {owners[0]!r} and {owners[1]!r} "
+                f"both implement it; remove one of them from `plugins:` "
+                f"(a plugin that only adjusts the result should use @hookimpl(wrapper=True))")
+
+
+def _trace(pm: pluggy.PluginManager) -> None:
+    def before(hook_name, impls, kwargs):
+        names = ", ".join(i.plugin_name for i in reversed(impls))
+        print(f"[ssltrain hook] {hook_name} -> {names}", file=sys.stderr)
+
+    pm.add_hookcall_monitoring(before, lambda *args: None)
