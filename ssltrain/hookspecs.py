@@ -89,7 +89,8 @@ def ssl_unlabeled_loss(outputs, batch, ctx, forward):
 
 @hookspec(firstresult=True)
 def ssl_unlabeled_weights(outputs, batch, ctx):
-    """Return per-sample weights [B_u] for every weighted unlabeled term, or None. One owner.
+    """Return weights [B_u], one per row of `batch.x_u`, for every weighted unlabeled term, or None.
+    One owner.
 
     Core default: None (uniform weights). A term reduces to weight * mean(w * per_sample).
     """

@@ -203,7 +203,7 @@ class Trainer:
                     values["core/lr"] = self.optimizer.param_groups[0]["lr"]
                     values["core/samples_per_second"] = rows_per_step * steps_since_log / max(now - t_log, 1e-9)
                     for extra in hook.ssl_metrics(result=result, ctx=ctx):
-                        values.update({k: float(v) for k, v in (extra or {}).items()})
+                        values.update({k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (extra or {}).items()})
                     logger.scalars(values, done)
                     logger.progress(done, {k: v for k, v in values.items() if k.startswith("loss/")})
                     sums, steps_since_log, t_log = {}, 0, now

@@ -17,12 +17,16 @@ class SSLBatch:
     """One training step's data, on the training device.
 
     x_l: augmented labeled inputs [B_l, ...]; y_l: int labels [B_l] or soft targets [B_l, C].
-    x_u: augmented unlabeled inputs [B_u, ...] (B_u may be 0: supervised runs draw none).
-    raw_l, raw_u: the same samples before augmentation (images in [0, 1], not normalised);
+    x_u: augmented unlabeled rows [B_u, ...] (B_u may be 0: supervised runs draw none). A plugin
+        may replace them (e.g. K mixed views -> K * B_u rows); y_u, y_u_hidden and idx_u then stay
+        row-aligned with x_u. Weighted unlabeled loss terms have one loss per row of x_u.
+    y_u: soft targets [B_u, C] for the unlabeled rows, set by a label-guessing plugin (e.g.
+        MixMatch's sharpened, mixed guesses); None when no plugin guesses labels.
+    raw_l, raw_u: the drawn samples before augmentation (images in [0, 1], not normalised);
         plugins draw further views with `ctx.augment(raw_u, "weak")`.
-    y_u_hidden: true labels of the unlabeled samples (-1 for classes outside the label space).
+    y_u_hidden: true labels of the unlabeled rows (-1 for classes outside the label space).
         For logged diagnostics only: never use them in a loss.
-    idx_u: dataset indices of the unlabeled samples.
+    idx_u: dataset indices of the unlabeled rows.
     extras: plugin-owned values, keyed "<plugin>/<name>".
     """
 
@@ -33,6 +37,7 @@ class SSLBatch:
     raw_u: Tensor
     y_u_hidden: Tensor
     idx_u: Tensor
+    y_u: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,7 +60,7 @@ class LossTerm:
     """One named unlabeled loss term.
 
     name: "<plugin>/<term>", used in logs and error messages.
-    per_sample: losses, one per unlabeled sample [B_u], or [B_u, V] for V views/rows per sample.
+    per_sample: losses, one per unlabeled row of `batch.x_u` [B_u], or [B_u, V] for V views per row.
     weight: scalar multiplier (float or 0-dim tensor), e.g. lambda times a ramp.
     weighted: whether the per-sample unlabeled weights (`ssl_unlabeled_weights`) apply. Set it to
         False for rows that are not unlabeled samples (per_sample may then have any shape).
