@@ -101,7 +101,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.train_model = torch.compile(self.model) if tc.compile else self.model
         self.augment = Augmenter(config.data, self.data, channels_last)
-        self.uses_unlabeled = bool(self.hook.ssl_unlabeled_loss.get_hookimpls())
+        self.uses_unlabeled = any(getattr(impl.plugin, "uses_unlabeled", True)
+                                  for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
         self.labeled = BatchStream(self.data.labeled_idx, config.data.batch_size, config.seed)
         self.unlabeled = BatchStream(self.data.unlabeled_idx, config.data.unlabeled_batch_size, config.seed + 1)
         self.step = 0

@@ -7,6 +7,7 @@ Only plugins listed in the YAML `plugins:` list are active, and hooks run in tha
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import sys
 from importlib.metadata import entry_points
@@ -26,7 +27,9 @@ class SSLPlugin:
 
     A plugin class is built with its validated config section (an instance of its `Config`
     pydantic model, or None when `Config` is None) and registered under its name (`self.name`).
-    Hooks are methods decorated with `ssltrain.hookimpl`.
+    Hooks are methods decorated with `ssltrain.hookimpl`. A plugin that implements
+    `ssl_unlabeled_loss` makes the run draw unlabeled batches, unless its `uses_unlabeled` is
+    False (e.g. an optional unlabeled term switched off in its config).
     """
 
     Config = None
@@ -68,16 +71,28 @@ def build_manager(config, classes: dict[str, type], defaults) -> pluggy.PluginMa
     for name in reversed(config.plugins):  # pluggy calls last-registered first: YAML order
         plugin = classes[name](config.plugin_configs.get(name))
         plugin.name = name
+        _check_arguments(name, plugin)
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {name!r} implements a hook wrongly: {exc}\n"
-                              f"hook arguments must be a subset of the spec's (see `ssltrain hooks`)") from None
+            raise PluginError(f"plugin {name!r} implements a hook wrongly: {exc}") from None
     _check_pending(pm)
     _check_one_owner(pm)
     if os.environ.get(TRACE_ENV):
         _trace(pm)
     return pm
+
+
+def _check_arguments(name: str, plugin) -> None:
+    for hook in hooks_of(plugin):
+        spec = getattr(hookspecs, hook, None)
+        if spec is None:
+            continue  # an unknown hook name: reported by _check_pending with a suggestion
+        allowed = list(inspect.signature(spec).parameters)
+        extra = [a for a in inspect.signature(getattr(plugin, hook)).parameters if a not in allowed]
+        if extra:
+            raise PluginError(f"plugin {name!r}: {hook} takes unknown argument(s) {extra}; the hook's arguments "
+                              f"are ({', '.join(allowed)}) and an implementation may take any subset of them")
 
 
 def _check_pending(pm: pluggy.PluginManager) -> None:
