@@ -138,3 +138,15 @@ def test_ema_model_is_evaluated(tmp_path):
     ema = trainer.ema.module
     assert not all(torch.equal(p, q) for p, q in zip(ema.parameters(), trainer.model.parameters()))
     assert json.loads((tmp_path / "summary.json").read_text())["evaluated_model"] == "ema"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(tmp_path, amp):
+    summary = train(make_config(f"train.amp={amp}", "train.steps=10", plugins=["pi_model"]), tmp_path)
+    assert summary["steps"] == 10 and summary["test_top1"] > 0
+
+
+def test_compiled_model_trains(tmp_path):
+    summary = train(make_config("train.compile=true", "train.steps=4", "train.eval_every=4",
+                                plugins=["pi_model"]), tmp_path)
+    assert summary["steps"] == 4
