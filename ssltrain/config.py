@@ -78,6 +78,15 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(None, gt=0)
 
 
+class DistributedConfig(Section):
+    """Only used under torchrun (more than one process)."""
+
+    batch: Literal["global", "per_rank"] = "global"  # global: data.*batch_size split over ranks (same
+    # math as one process, the run finishes sooner); per_rank: each rank draws the full batch sizes
+    # (the global batch grows with the number of processes, same number of steps)
+    sync_bn: bool | None = None  # None: SyncBatchNorm on CUDA (small per-GPU batches), off on CPU
+
+
 class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     eval_every: int = Field(200, ge=1)
@@ -91,6 +100,7 @@ class TrainConfig(Section):
     device: str = "auto"
     cpu_threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU; None: torch's default
     eval_batch_size: int = Field(1024, ge=1)
+    distributed: DistributedConfig = DistributedConfig()
     progress: Literal["auto", "bar", "lines"] = "auto"
 
     @model_validator(mode="after")

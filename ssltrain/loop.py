@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -37,7 +38,7 @@ import torch
 import yaml
 from torch.func import functional_call
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import RunConfig
 from .data import Augmenter, BatchStream, build_data
 from .defaults import CoreDefaults
@@ -45,7 +46,7 @@ from .errors import CheckpointError, ConfigError, NonFiniteLossError, PluginCont
 from .evaluate import evaluate
 from .optim import EMA, build_optimizer, build_scheduler, frozen_bn
 from .plugins import build_manager, discover
-from .tblog import RunLogger
+from .tblog import NullLogger, RunLogger
 from .types import LossResult, LossTerm, SSLBatch, StepContext
 
 
@@ -80,7 +81,8 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, classes: dict[str, type] | None = None):
         self.config, self.run_dir = config, Path(run_dir)
         tc = config.train
-        self.device = torch.device(tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = distributed.setup(tc.device)
+        self.device = self.dist.device
         amp = tc.amp if tc.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         if tc.cpu_threads:
@@ -94,20 +96,49 @@ class Trainer:
             self.device.type == "cuda" and self.data.kind == "image")
         model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
                                           input_shape=self.data.input_shape)
+        sync_bn = tc.distributed.sync_bn if tc.distributed.sync_bn is not None else self.device.type == "cuda"
+        if self.dist.world > 1 and sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        if self.dist.world > 1:  # the same init on every rank (DDP broadcasts rank 0's), then each rank its own augmentations
+            torch.manual_seed(config.seed * 7919 + self.dist.rank)
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, tc.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.train_model = torch.compile(self.model) if tc.compile else self.model
+        self.train_model = self.model
+        if self.dist.world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel
+            sync_key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+                else "broadcast_buffers"  # renamed in recent PyTorch
+            self.train_model = ddp(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                   **{sync_key: not sync_bn})
+        if tc.compile:
+            self.train_model = torch.compile(self.train_model)
         self.augment = Augmenter(config.data, self.data, channels_last)
         self.uses_unlabeled = any(getattr(impl.plugin, "uses_unlabeled", True)
                                   for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
-        self.labeled = BatchStream(self.data.labeled_idx, config.data.batch_size, config.seed)
-        self.unlabeled = BatchStream(self.data.unlabeled_idx, config.data.unlabeled_batch_size, config.seed + 1)
+        self.batch_l = self._rank_batch(config.data.batch_size)
+        self.batch_u = self._rank_batch(config.data.unlabeled_batch_size) if self.uses_unlabeled else 0
+        world = self.dist.world
+        self.labeled = BatchStream(self.data.labeled_idx, self.batch_l * world, config.seed)
+        self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
         self.step = 0
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
         self.seconds = {"wall": 0.0, "train": 0.0}
+
+    def _rank_batch(self, size: int) -> int:
+        """Rows this process draws per step for a configured batch size."""
+        if self.config.train.distributed.batch == "per_rank":
+            return size
+        if size % self.dist.world:
+            raise ConfigError(f"batch size {size} is not divisible by the {self.dist.world} processes; choose a "
+                              f"multiple of {self.dist.world} or set train.distributed.batch=per_rank")
+        return size // self.dist.world
+
+    def _rows(self, stream: BatchStream, step: int, size: int) -> torch.Tensor:
+        """This rank's disjoint slice of the step's global batch."""
+        return stream.at(step)[self.dist.rank * size:(self.dist.rank + 1) * size]
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -121,13 +152,13 @@ class Trainer:
     def draw(self, step: int) -> SSLBatch:
         """The batch of `step`: labeled (and, when a plugin uses them, unlabeled) rows with default views."""
         view = self.config.data.augment
-        li = self.labeled.at(step)
+        li = self._rows(self.labeled, step, self.batch_l)
         raw_l = self.augment.raw(self.data.train_x[li])
-        ui = self.unlabeled.at(step) if self.uses_unlabeled else li[:0]
+        ui = self._rows(self.unlabeled, step, self.batch_u) if self.uses_unlabeled else li[:0]
         raw_u = self.augment.raw(self.data.train_x[ui])
         return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[li],
                         x_u=self.augment.view(raw_u, view.unlabeled_view), raw_l=raw_l, raw_u=raw_u,
-                        y_u_hidden=self.data.y_hidden[ui], idx_u=ui)
+                        y_u_hidden=self.data.y_hidden[ui], idx_u=ui, idx_l=li)
 
     def forward_fn(self, params=None):
         """The model call of a closure: the (compiled) model, or a functional call on `params`
@@ -164,13 +195,13 @@ class Trainer:
 
     def fit(self) -> dict:
         tc, hook = self.config.train, self.hook
-        logger = RunLogger(self.run_dir, tc.steps, self.step, tc.progress)
+        logger = RunLogger(self.run_dir, tc.steps, self.step, tc.progress) if self.dist.is_main else NullLogger()
         if self.step == 0:
             logger.text("config", "```\n" + yaml.safe_dump(self.config.to_dict(), sort_keys=False) + "\n```")
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         stop = _StopFlag()
-        rows_per_step = self.config.data.batch_size + (self.config.data.unlabeled_batch_size if self.uses_unlabeled else 0)
+        rows_per_step = (self.batch_l + self.batch_u) * self.dist.world
         t_start = t_log = time.perf_counter()
         steps_since_log, eval_seconds = 0, 0.0
         predict = lambda x: self.predict(self.train_model, x)  # noqa: E731  (label guessing, current model)
@@ -197,7 +228,9 @@ class Trainer:
                 steps_since_log += 1
                 self.step = done
                 is_eval = done % tc.eval_every == 0 or done == tc.steps
-                is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stop.requested
+                # one process stops at once; several agree at a log step (no per-step collective)
+                stopping = stop.requested if self.dist.world == 1 else is_log and self.dist.any(stop.requested)
+                is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 if is_log or is_eval or is_ckpt:
                     now = time.perf_counter()
                     values = self._read_losses(sums, first_bad, steps_since_log)
@@ -215,7 +248,7 @@ class Trainer:
                 if is_ckpt:
                     self.save_checkpoint(time.perf_counter() - t_start, eval_seconds)
                     t_start, eval_seconds = time.perf_counter(), 0.0
-                if stop.requested:
+                if stopping:
                     raise Interrupted(f"stopped by signal at step {done}; checkpoint written to "
                                       f"{self.run_dir / 'checkpoints' / 'last.pt'}; continue with --resume")
         return self.write_summary()
@@ -223,7 +256,8 @@ class Trainer:
     def _read_losses(self, sums, first_bad, count) -> dict[str, float]:
         """Mean of each loss term since the last read: one host sync. Raises on a non-finite loss."""
         names = list(sums)
-        values = torch.stack([sums[n].float() for n in names] + [first_bad.float()]).tolist()
+        stacked = self.dist.sum_(torch.stack([sums[n].float() / self.dist.world for n in names] + [first_bad.float()]))
+        values = stacked.tolist()
         if values[-1] >= 0:
             bad = [n for n, v in zip(names, values) if n != "total" and not math.isfinite(v)] or ["total"]
             where = ", ".join(f"{n!r}" + (f" (plugin {n.split('/')[0]!r})" if "/" in n else "") for n in bad)
@@ -237,8 +271,10 @@ class Trainer:
         """Test metrics of the EMA model (when EMA is on) through `ssl_predict`."""
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
-        metrics = evaluate(lambda x: self.predict(model, self.augment(x, "none")), self.data.test_x,
-                           self.data.test_y, self.data.num_classes, self.config.train.eval_batch_size)
+        shard = slice(self.dist.rank, None, self.dist.world)
+        metrics = evaluate(lambda x: self.predict(model, self.augment(x, "none")), self.data.test_x[shard],
+                           self.data.test_y[shard], self.data.num_classes, self.config.train.eval_batch_size,
+                           sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         self.model.train()
         if logger is not None:
@@ -256,15 +292,17 @@ class Trainer:
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "plugins": plugin_state, "history": self.history,
-                "seconds": dict(self.seconds), "rng": _rng_state()}
+                "seconds": dict(self.seconds), "rng": self.dist.gather(_rng_state())}
 
     def save_checkpoint(self, wall: float, eval_seconds: float) -> None:
         self.seconds["wall"] += wall
         self.seconds["train"] += wall - eval_seconds
         state = self.state_dict()
-        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
-        if self.history and self.history[-1][1] >= max(t for _, t in self.history) and self.history[-1][0] == self.step:
-            checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
+        if self.dist.is_main:
+            checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+            if self.history and self.history[-1][0] == self.step and self.history[-1][1] >= max(t for _, t in self.history):
+                checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
+        self.dist.barrier()
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
         try:
@@ -280,7 +318,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.hook.ssl_load_state_dict(state=state["plugins"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
-        _set_rng_state(state["rng"])
+        if len(state["rng"]) == self.dist.world:  # exact continuation
+            _set_rng_state(state["rng"][self.dist.rank])
+        else:  # resumed with another number of processes: a fresh, deterministic stream per rank
+            torch.manual_seed(self.config.seed * 7919 + self.step * 131 + self.dist.rank)
 
     def write_summary(self) -> dict:
         tops = [t for _, t in self.history]
@@ -289,10 +330,12 @@ class Trainer:
                    "median_last_n": len(tops[-self.config.train.median_last:]),
                    "evaluated_model": "ema" if self.ema is not None else "online",
                    "steps": self.step, "wall_seconds": self.seconds["wall"],
-                   "train_samples_per_second": self.step * (self.config.data.batch_size + (
-                       self.config.data.unlabeled_batch_size if self.uses_unlabeled else 0)) / max(self.seconds["train"], 1e-9),
-                   "plugins": list(self.config.plugins), "num_labeled": len(self.data.labeled_idx)}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                   "train_samples_per_second": self.step * (self.batch_l + self.batch_u) * self.dist.world
+                   / max(self.seconds["train"], 1e-9),
+                   "plugins": list(self.config.plugins), "num_labeled": len(self.data.labeled_idx),
+                   "processes": self.dist.world}
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -306,13 +349,15 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
         trainer.load_state_dict(state)
         if trainer.step >= config.train.steps:
             return trainer.write_summary()
-    else:
+    elif (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
+        if not resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
+    trainer.dist.barrier()
     return trainer.fit()
 
 

@@ -74,3 +74,16 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
+
+
+class NullLogger:
+    """Stands in for RunLogger on processes other than rank 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass

@@ -26,7 +26,7 @@ class SSLBatch:
         plugins draw further views with `ctx.augment(raw_u, "weak")`.
     y_u_hidden: true labels of the unlabeled rows (-1 for classes outside the label space).
         For logged diagnostics only: never use them in a loss.
-    idx_u: dataset indices of the unlabeled rows.
+    idx_u: dataset indices of the unlabeled rows; idx_l: of the labeled rows.
     extras: plugin-owned values, keyed "<plugin>/<name>".
     """
 
@@ -37,6 +37,7 @@ class SSLBatch:
     raw_u: Tensor
     y_u_hidden: Tensor
     idx_u: Tensor
+    idx_l: Tensor
     y_u: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
