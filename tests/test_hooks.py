@@ -361,3 +361,13 @@ def test_every_hook_is_documented_and_tested():
     for name in names:
         assert len((getattr(hookspecs, name).__doc__ or "").split()) >= 10, f"{name} has no contract"
         assert f"def test_hook_{name}(" in source, f"hook {name} has no test_hook_{name}"
+
+
+def test_every_hook_has_a_docs_section_titled_with_its_signature():
+    import inspect
+
+    from ssltrain import hookspecs
+    docs = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    for name in (n for n in dir(hookspecs) if n.startswith("ssl_")):
+        signature = f"{name}({', '.join(inspect.signature(getattr(hookspecs, name)).parameters)})"
+        assert f"### `{signature}`" in docs, f"docs/plugins.md has no section for {signature}"
