@@ -77,28 +77,35 @@ class BatchStream:
     """An endless stream of index batches over `indices`, reshuffled every pass.
 
     The batch of step s depends only on (seed, s): resuming at step s needs no stream state.
+    Indices for many steps are drawn at once on the CPU and copied to the device in one
+    non-blocking transfer, so steps do not wait on the host.
     """
 
-    def __init__(self, indices: Tensor, batch_size: int, seed: int):
+    def __init__(self, indices: Tensor, batch_size: int, seed: int, chunk_rows: int = 2**20):
         self.indices, self.batch_size, self.seed = indices, batch_size, seed
-        self._perms: dict[int, Tensor] = {}
+        self.steps_per_chunk = max(1, chunk_rows // batch_size)
+        self._chunk, self._rows = -1, indices[:0]
 
     def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.indices), generator=gen).to(self.indices.device)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = self.indices[perm]
-        return self._perms[epoch]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.indices), generator=gen)
+
+    def _positions(self, start: int, stop: int) -> Tensor:
+        """Stream positions [start, stop) as positions into `indices` (CPU)."""
+        n = len(self.indices)
+        parts = [self._perm(e)[max(start - e * n, 0):min(stop - e * n, n)] for e in range(start // n, (stop - 1) // n + 1)]
+        return torch.cat(parts)
 
     def at(self, step: int) -> Tensor:
-        n = len(self.indices)
-        start, stop = step * self.batch_size, (step + 1) * self.batch_size
-        parts = []
-        for epoch in range(start // n, (stop - 1) // n + 1):
-            lo, hi = max(start - epoch * n, 0), min(stop - epoch * n, n)
-            parts.append(self._perm(epoch)[lo:hi])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        chunk, offset = divmod(step, self.steps_per_chunk)
+        if chunk != self._chunk:
+            start = chunk * self.steps_per_chunk * self.batch_size
+            positions = self._positions(start, start + self.steps_per_chunk * self.batch_size)
+            if self.indices.is_cuda:
+                positions = positions.pin_memory()
+            self._rows = self.indices[positions.to(self.indices.device, non_blocking=True)]
+            self._chunk = chunk
+        return self._rows[offset * self.batch_size:(offset + 1) * self.batch_size]
 
 
 class Augmenter:

@@ -45,3 +45,9 @@ def test_image_views_and_class_mismatch(tmp_path, monkeypatch):
     none = aug.view(raw, "none")
     torch.testing.assert_close(none, (raw - 0.5) / 0.25)
     assert aug.view(raw, "weak").shape == aug.view(raw, "strong").shape == (5, 1, 8, 8)
+
+
+def test_batch_stream_chunks_do_not_change_the_stream():
+    idx = torch.arange(7) * 3
+    small, big = BatchStream(idx, 4, seed=5, chunk_rows=8), BatchStream(idx, 4, seed=5)
+    assert all(torch.equal(small.at(s), big.at(s)) for s in [0, 1, 2, 9, 3, 17, 16])
