@@ -109,6 +109,20 @@ def load_two_moons(root=None, download=False, *, n_train=1000, n_test=1000, nois
     return _vector_arrays(train_x, train_y, test_x, test_y, ["upper_moon", "lower_moon"])
 
 
+def load_synthetic(root=None, download=False, *, n_train=1000, n_test=200, shape=(3, 32, 32),
+                   num_classes=10, seed=0) -> DatasetArrays:
+    """Random uint8 images with random labels, in any shape (e.g. CIFAR-shaped), for throughput
+    benchmarks and tests without downloads. Nothing here is learnable."""
+    g = torch.Generator().manual_seed(seed)
+
+    def sample(n):
+        x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        return x, torch.randint(0, num_classes, (n,), generator=g)
+
+    (train_x, train_y), (test_x, test_y) = sample(n_train), sample(n_test)
+    return _image_arrays(train_x, train_y, test_x, test_y, [str(c) for c in range(num_classes)])
+
+
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Parse an IDX file (gzipped if the name ends in .gz): bytes 0, 0, dtype code, ndim; then ndim
@@ -329,6 +343,7 @@ DATASETS: dict[str, Callable[..., DatasetArrays]] = {
     "stl10": load_stl10,
     "image_folder": load_image_folder,
     "tabular": load_tabular,
+    "synthetic": load_synthetic,
 }
 
 

@@ -204,7 +204,10 @@ class Trainer:
         rows_per_step = (self.batch_l + self.batch_u) * self.dist.world
         t_start = t_log = time.perf_counter()
         steps_since_log, eval_seconds = 0, 0.0
-        predict = lambda x: self.predict(self.train_model, x)  # noqa: E731  (label guessing, current model)
+
+        def predict(x, update_bn: bool = True):  # label guessing with the current model
+            with contextlib.nullcontext() if update_bn else frozen_bn(self.model):
+                return self.predict(self.train_model, x)
         with stop, logger:
             self.model.train()
             for step in range(self.step, tc.steps):

@@ -98,7 +98,8 @@ class StepResult:
 class StepContext:
     """Read-only facts about the current step.
 
-    predict(x): class scores from the current model via `ssl_predict` (call under no_grad for guesses).
+    predict(x, update_bn=True): class scores from the current model via `ssl_predict` (call under
+        no_grad for guesses; update_bn=False leaves batch-norm running statistics untouched).
     augment(raw, view): a freshly augmented, normalised view ("weak", "strong", "none") of raw inputs.
     """
 

@@ -240,3 +240,9 @@ def test_image_stats_match_float64_reference():
     mean, std = image_stats(x)
     ref = x.double().div(255).transpose(0, 1).reshape(3, -1)
     assert mean == pytest.approx(ref.mean(1).tolist()) and std == pytest.approx(ref.std(1, correction=0).tolist())
+
+
+def test_synthetic_images_have_the_requested_shape():
+    a = load_dataset("synthetic", n_train=12, n_test=4, shape=(1, 5, 7), num_classes=3)
+    assert a.train_x.shape == (12, 1, 5, 7) and a.train_x.dtype == torch.uint8 and a.kind == "image"
+    assert a.test_y.max() < 3 and a.num_classes == 3

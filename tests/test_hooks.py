@@ -371,3 +371,20 @@ def test_every_hook_has_a_docs_section_titled_with_its_signature():
     for name in (n for n in dir(hookspecs) if n.startswith("ssl_")):
         signature = f"{name}({', '.join(inspect.signature(getattr(hookspecs, name)).parameters)})"
         assert f"### `{signature}`" in docs, f"docs/plugins.md has no section for {signature}"
+
+
+def test_label_guessing_can_leave_batch_norm_statistics_alone(tmp_path):
+    class Guess(SSLPlugin):
+        @hookimpl
+        def ssl_modify_batch(self, batch, ctx):
+            with torch.no_grad():
+                ctx.predict(batch.x_u, update_bn=False)
+
+    config = make_config("data.name=synthetic", "data.options={n_train: 64, n_test: 8, shape: [1, 8, 8], num_classes: 2}",
+                         "model.name=small_cnn", "model.options={width: 4}", classes={"guess": Guess},
+                         plugins=["guess", "pi_model"])
+    trainer = Trainer(config, tmp_path, {**discover(), "guess": Guess})
+    batch, ctx, closure = first_closure(trainer)  # runs ssl_modify_batch: the guess only
+    assert all(int(m.num_batches_tracked) == 0 for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
+    closure()  # the training forward updates them
+    assert all(int(m.num_batches_tracked) == 1 for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
