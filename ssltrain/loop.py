@@ -149,6 +149,16 @@ class Trainer:
         with self.autocast():
             return self.hook.ssl_predict(model=model, x=x)
 
+    def guess(self, x, update_bn: bool = True):
+        """Class scores of the current model (label guessing; call under no_grad)."""
+        with contextlib.nullcontext() if update_bn else frozen_bn(self.model):
+            return self.predict(self.train_model, x)
+
+    def context(self, step: int, is_log: bool = False) -> StepContext:
+        return StepContext(step=step, total_steps=self.config.train.steps, num_classes=self.data.num_classes,
+                           device=self.device, amp_dtype=self.amp_dtype, predict=self.guess,
+                           augment=self.augment.view, is_log_step=is_log)
+
     def draw(self, step: int) -> SSLBatch:
         """The batch of `step`: labeled (and, when a plugin uses them, unlabeled) rows with default views."""
         view = self.config.data.augment
@@ -204,18 +214,12 @@ class Trainer:
         rows_per_step = (self.batch_l + self.batch_u) * self.dist.world
         t_start = t_log = time.perf_counter()
         steps_since_log, eval_seconds = 0, 0.0
-
-        def predict(x, update_bn: bool = True):  # label guessing with the current model
-            with contextlib.nullcontext() if update_bn else frozen_bn(self.model):
-                return self.predict(self.train_model, x)
         with stop, logger:
             self.model.train()
             for step in range(self.step, tc.steps):
                 done = step + 1
                 is_log = done % tc.log_every == 0 or done == tc.steps
-                ctx = StepContext(step=step, total_steps=tc.steps, num_classes=self.data.num_classes,
-                                  device=self.device, amp_dtype=self.amp_dtype, predict=predict,
-                                  augment=self.augment.view, is_log_step=is_log)
+                ctx = self.context(step, is_log)
                 batch = self.draw(step)
                 hook.ssl_modify_batch(batch=batch, ctx=ctx)
                 result = hook.ssl_optimizer_step(closure=self.make_closure(batch, ctx), model=self.model,

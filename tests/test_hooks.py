@@ -31,9 +31,7 @@ def trainer_with(tmp_path, plugins: dict, **sections) -> Trainer:
 
 
 def first_closure(trainer: Trainer):
-    from ssltrain.types import StepContext
-    ctx = StepContext(step=0, total_steps=1, num_classes=2, device=trainer.device, amp_dtype=None,
-                      predict=lambda x: trainer.predict(trainer.model, x), augment=trainer.augment.view)
+    ctx = trainer.context(0)
     batch = trainer.draw(0)
     trainer.hook.ssl_modify_batch(batch=batch, ctx=ctx)
     return batch, ctx, trainer.make_closure(batch, ctx)

@@ -24,10 +24,8 @@ def test_no_gradient_reaches_the_target():
 def test_term_is_per_sample_ramped_and_second_view_leaves_bn_alone(tmp_path):
     config = make_config("pi_model.rampup_steps=10", "pi_model.weight=4", plugins=["pi_model"])
     trainer = Trainer(config, tmp_path)
-    from ssltrain.types import StepContext
     for step, ramp in [(0, torch.exp(torch.tensor(-5.0)).item()), (10, 1.0)]:
-        ctx = StepContext(step=step, total_steps=20, num_classes=2, device=trainer.device, amp_dtype=None,
-                          predict=None, augment=trainer.augment.view)
+        ctx = trainer.context(step)
         batch = trainer.draw(step)
         trainer.hook.ssl_modify_batch(batch=batch, ctx=ctx)
         view2 = batch.extras["pi_model/view2"]
