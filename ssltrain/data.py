@@ -83,7 +83,8 @@ class BatchStream:
 
     def __init__(self, indices: Tensor, batch_size: int, seed: int, chunk_rows: int = 2**20):
         self.indices, self.batch_size, self.seed = indices, batch_size, seed
-        self.steps_per_chunk = max(1, chunk_rows // batch_size)
+        # at most 256 passes per chunk: one randperm each, cheap even for a handful of labels
+        self.steps_per_chunk = max(1, min(chunk_rows, 256 * len(indices)) // batch_size)
         self._chunk, self._rows = -1, indices[:0]
 
     def _perm(self, epoch: int) -> Tensor:

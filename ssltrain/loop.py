@@ -283,11 +283,11 @@ class Trainer:
                            self.data.test_y[shard], self.data.num_classes, self.config.train.eval_batch_size,
                            sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
-        self.model.train()
         if logger is not None:
             self.history.append([step, metrics["top1"]])
             logger.evaluation(step, metrics)
             self.hook.ssl_evaluate_end(model=model, data=self.data, metrics=metrics, step=step, logger=logger)
+        self.model.train()
         return metrics
 
     # --- checkpoints and summary -----------------------------------------------------------------

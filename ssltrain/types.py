@@ -17,6 +17,7 @@ class SSLBatch:
     """One training step's data, on the training device.
 
     x_l: augmented labeled inputs [B_l, ...]; y_l: int labels [B_l] or soft targets [B_l, C].
+        A plugin that changes x_l's rows keeps y_l and idx_l row-aligned with it.
     x_u: augmented unlabeled rows [B_u, ...] (B_u may be 0: supervised runs draw none). A plugin
         may replace them (e.g. K mixed views -> K * B_u rows); y_u, y_u_hidden and idx_u then stay
         row-aligned with x_u. Weighted unlabeled loss terms have one loss per row of x_u.
