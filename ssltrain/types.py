@@ -109,7 +109,7 @@ class StepContext:
     num_classes: int
     device: torch.device
     amp_dtype: torch.dtype | None
-    predict: Callable[[Tensor], Tensor]
+    predict: Callable[..., Tensor]
     augment: Callable[[Tensor, str], Tensor]
     is_log_step: bool = False
 

@@ -1,0 +1,170 @@
+"""MixMatch (Berthelot et al. 2019), faithful to google-research/mixmatch (methods.md section 1).
+
+Per step: K weak views of each unlabeled sample; the current model (train mode, batch-norm running
+statistics left untouched) guesses a label as the sharpened mean of the K predictions; labeled and
+unlabeled views are MixUp-ed with a shuffled pool of both (per-row lambda' = max(lambda, 1 - lambda));
+soft-target cross-entropy on the B mixed labeled rows (the core's supervised loss), and
+lambda_u * ramp(t) * mean over rows and classes of (softmax(logits) - target)^2 on the K*B mixed
+unlabeled rows. Weight decay is decoupled (`optim.name: adamw`), evaluation uses the EMA model.
+
+Batch norm (`bn_mode`):
+- "interleave" (official): forwards of B rows each (K+1 of them when B_u = B), rows swapped between
+  them so that every forward sees labeled rows; only the first forward updates the running statistics.
+- "concat": one forward over all (K+1)*B rows (the core default forward).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ssltrain import ConfigError, LossTerm, Outputs, PluginContractError, Section, SSLPlugin, hookimpl
+from ssltrain.optim import linear_rampup
+
+
+# --- the math: pure functions ------------------------------------------------------------------
+
+def sharpen(p: Tensor, T: float) -> Tensor:
+    """Sharpen(p, T)_c = p_c^(1/T) / sum_c' p_c'^(1/T), row-wise over the last dim.
+    T = 1 is the identity; T < 1 lowers the entropy, keeping argmax and ranking."""
+    p = p.pow(1.0 / T)
+    return p / p.sum(-1, keepdim=True)
+
+
+def guess_labels(probs: list[Tensor], T: float) -> Tensor:
+    """q = Sharpen(mean_k probs[k], T), detached: one target [B, C] shared by the K views."""
+    return sharpen(torch.stack(probs).mean(0), T).detach()
+
+
+def mix_weights(n: int, alpha: float, device=None) -> Tensor:
+    """Per-row MixUp weights lambda' = max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha): [n], >= 0.5."""
+    concentration = torch.full((n,), float(alpha), device=device)
+    lam = torch.distributions.Beta(concentration, concentration).sample()
+    return torch.maximum(lam, 1 - lam)
+
+
+def mixup(x: Tensor, p: Tensor, lam: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """Row i mixed with row perm[i] of the same pool: x'_i = lam_i x_i + (1 - lam_i) x_perm[i], same for p.
+
+    x: [N, ...], p: [N, C], lam: [N] (>= 0.5 keeps row i dominated by itself), perm: a permutation of
+    range(N). Rows of p that sum to 1 still sum to 1. Returns (x', p').
+    """
+    lx = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    lp = lam.view(-1, 1).to(p.dtype)
+    return lx * x + (1 - lx) * x[perm], lp * p + (1 - lp) * p[perm]
+
+
+def interleave_offsets(batch: int, nu: int) -> list[int]:
+    """Cut points of a batch into nu + 1 near-equal groups, larger groups last
+    (batch=64, nu=2 -> [0, 21, 42, 64])."""
+    groups = [batch // (nu + 1)] * (nu + 1)
+    for i in range(batch - sum(groups)):
+        groups[-i - 1] += 1
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + g)
+    return offsets
+
+
+def interleave(xs: list[Tensor], batch: int) -> list[Tensor]:
+    """Swap group i of xs[0] with group i of xs[i] (i = 1..nu), as the official `interleave`.
+    Every one of the nu + 1 tensors has `batch` rows. An involution: interleave(interleave(xs)) == xs."""
+    nu = len(xs) - 1
+    offsets = interleave_offsets(batch, nu)
+    parts = [[x[offsets[g]:offsets[g + 1]] for g in range(nu + 1)] for x in xs]
+    for i in range(1, nu + 1):
+        parts[0][i], parts[i][i] = parts[i][i], parts[0][i]
+    return [torch.cat(p) for p in parts]
+
+
+def l2_per_row(logits: Tensor, targets: Tensor) -> Tensor:
+    """(1/C) ||softmax(logits) - targets||^2 per row, shape [N]; in [0, 2/C] for distributions."""
+    return (logits.float().softmax(-1) - targets).pow(2).mean(-1)
+
+
+# --- the plugin ----------------------------------------------------------------------------------
+
+class MixMatch(SSLPlugin):
+    """Label guessing + MixUp in `ssl_modify_batch`, the interleaved forward in `ssl_forward`,
+    and the "mixmatch/l2" unlabeled term. Defaults are the official CIFAR-10 values."""
+
+    class Config(Section):
+        K: int = Field(2, ge=1)  # augmented views per unlabeled sample
+        T: float = Field(0.5, gt=0, le=1)  # sharpening temperature
+        alpha: float = Field(0.75, gt=0)  # Beta(alpha, alpha) of MixUp
+        lambda_u: float = Field(75.0, ge=0)  # weight of the L2 term after the ramp-up
+        rampup_steps: int = Field(16384, ge=0)  # linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)
+        bn_mode: Literal["interleave", "concat"] = "interleave"
+
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.diagnostics: dict[str, Tensor] = {}
+
+    @hookimpl
+    def ssl_configure(self, config, plugins):
+        if "sla" in plugins:
+            raise ConfigError("mixmatch cannot run with sla: sla trains 4C joint (rotation, class) logits, "
+                              "mixmatch guesses C-class targets; remove one of them from `plugins:`")
+        if "flowgmm" in plugins:
+            warnings.warn("mixmatch with flowgmm: MixUp of inputs through a normalizing flow is unvalidated",
+                          stacklevel=2)
+        data, k = config.data, self.config.K
+        if self.config.bn_mode == "interleave" and (k * data.unlabeled_batch_size) % data.batch_size:
+            raise ConfigError(f"mixmatch.bn_mode=interleave forwards chunks of data.batch_size rows, so "
+                              f"K * data.unlabeled_batch_size ({k} * {data.unlabeled_batch_size}) must be a multiple "
+                              f"of data.batch_size ({data.batch_size}); change the batch sizes or use "
+                              f"mixmatch.bn_mode=concat")
+
+    @hookimpl
+    def ssl_modify_batch(self, batch, ctx):
+        cfg = self.config
+        b = batch.x_l.shape[0]
+        views = [ctx.augment(batch.raw_u, "weak") for _ in range(cfg.K)]
+        with torch.no_grad():  # the official code drops the guessing forwards' BN updates
+            probs = [ctx.predict(v, update_bn=False).float().softmax(-1) for v in views]
+        q = guess_labels(probs, cfg.T)
+        y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
+        x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l.float(), q.repeat(cfg.K, 1)])
+        n = x_all.shape[0]
+        x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, cfg.alpha, x_all.device), torch.randperm(n, device=x_all.device))
+        batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
+        batch.x_u, batch.y_u = x_mix[b:], p_mix[b:]
+        batch.y_u_hidden = batch.y_u_hidden.repeat(cfg.K)
+        batch.idx_u = batch.idx_u.repeat(cfg.K)
+        batch.extras["mixmatch/views"] = torch.cat(views)  # un-mixed views, view-major [K*B_u, ...]
+        batch.extras["mixmatch/guess"] = q  # sharpened guesses [B_u, C]
+        if ctx.is_log_step:
+            seen = batch.y_u_hidden[: q.shape[0]] >= 0
+            hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
+            self.diagnostics = {"mixmatch/guess_acc": 100 * hits.sum() / seen.sum().clamp(min=1),
+                                "mixmatch/guess_max": q.max(-1).values.mean()}
+
+    @hookimpl
+    def ssl_forward(self, batch, forward):
+        b, n_u = batch.x_l.shape[0], batch.x_u.shape[0]
+        if self.config.bn_mode == "concat" or n_u == 0:
+            return None  # the core default: one forward over cat(x_l, x_u)
+        if n_u % b:
+            raise PluginContractError(f"mixmatch interleave: {n_u} unlabeled rows are not a multiple of the {b} "
+                                      f"labeled rows (did another plugin change the batch?); use mixmatch.bn_mode=concat")
+        chunks = interleave([batch.x_l, *batch.x_u.split(b)], b)
+        outs = [forward(c, update_bn=i == 0) for i, c in enumerate(chunks)]
+        merged = {k: interleave([o[k] for o in outs], b) for k in outs[0]}
+        logits = merged.pop("logits")
+        return Outputs(logits_l=logits[0], logits_u=torch.cat(logits[1:]),
+                       extras_l={k: v[0] for k, v in merged.items()},
+                       extras_u={k: torch.cat(v[1:]) for k, v in merged.items()})
+
+    @hookimpl
+    def ssl_unlabeled_loss(self, outputs, batch, ctx):
+        weight = self.config.lambda_u * linear_rampup(ctx.step, self.config.rampup_steps)
+        return LossTerm("mixmatch/l2", l2_per_row(outputs.logits_u, batch.y_u), weight=weight)
+
+    @hookimpl
+    def ssl_metrics(self, ctx):
+        return {**self.diagnostics,
+                "mixmatch/lambda_u": self.config.lambda_u * linear_rampup(ctx.step, self.config.rampup_steps)}

@@ -1,0 +1,75 @@
+"""The benchmark harness on a tiny two-moons matrix: baselines always present and shared,
+tables written, finished cells reused, missing ones (re)run."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import TINY
+
+spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "tools" / "benchmark.py")
+benchmark = sys.modules["benchmark"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def write_config(path: Path, **sections) -> str:
+    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 4, "eval_every": 2}, **sections}))
+    return str(path)
+
+
+def run_matrix(tmp_path, configs, *extra):
+    argv = [*configs, "--labels", "4", "8", "--seeds", "0", "1", "--name", "tiny",
+            "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), *extra]
+    return benchmark.main(argv)
+
+
+def read_rows(tmp_path):
+    with open(tmp_path / "results" / "tiny.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_matrix_with_shared_baseline_tables_and_resume(tmp_path, monkeypatch, capsys):
+    mm = write_config(tmp_path / "mm.yaml", plugins=["mixmatch"], mixmatch={"rampup_steps": 2})
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    assert run_matrix(tmp_path, [mm, pi]) == 0
+    rows = read_rows(tmp_path)
+    cells = {(r["method"], r["labels"], r["seed"]) for r in rows}
+    assert len(rows) == len(cells) == 3 * 2 * 2  # mixmatch, pi_model and ONE shared baseline per (labels, seed)
+    assert {m for m, _, _ in cells} == {"mixmatch", "pi_model", "supervised"}
+    for r in rows:
+        assert r["dataset"] == "two_moons" and r["steps"] == "4" and 0 <= float(r["test_top1"]) <= 100
+        assert r["command"].startswith("ssltrain train ") and (Path(r["command"].split("--out ")[1]) / "summary.json").exists()
+    assert all("--set 'plugins=[]'" in r["command"] for r in rows if r["method"] == "supervised")
+    report = (tmp_path / "results" / "tiny.md").read_text()
+    assert "python tools/benchmark.py " + mm in report and "| two_moons | 8 | supervised |" in report
+
+    # finished cells are not re-run; a cell without its summary is redone (resumed from its checkpoint)
+    victim = Path(rows[0]["command"].split("--out ")[1])
+    (victim / "summary.json").unlink()
+    capsys.readouterr()
+    assert run_matrix(tmp_path, [mm, pi]) == 0
+    log = capsys.readouterr().out
+    assert log.count("[benchmark] resuming") == 1 and "[benchmark] running" not in log
+    assert (victim / "summary.json").exists() and read_rows(tmp_path) == rows
+
+    # a different budget is a different cell
+    monkeypatch.setattr(benchmark, "train", lambda *a, **k: {"steps": 5, "test_top1": 50.0, "wall_seconds": 1.0,
+                                                             "median_last_test_top1": 50.0})
+    assert run_matrix(tmp_path, [mm], "--set", "train.steps=5") == 0
+    assert {r["steps"] for r in read_rows(tmp_path)} == {"5"}
+
+
+def test_aggregate_mean_std_and_gap():
+    rows = [{"dataset": "d", "labels": 4, "method": m, "seed": s, "steps": 9, "test_top1": v,
+             "median_last_test_top1": v, "wall_s": 1.0}
+            for m, s, v in [("supervised", 0, 60.0), ("supervised", 1, 62.0), ("mixmatch", 0, 70.0), ("mixmatch", 1, 74.0)]]
+    agg = benchmark.aggregate(rows)
+    assert [a["method"] for a in agg] == ["supervised", "mixmatch"]
+    assert agg[1]["test_top1"] == "72.00 ± 2.83" and agg[1]["vs_supervised"] == "+11.00"
+    agg = benchmark.aggregate(rows[:1] + rows[2:])  # baseline of seed 1 missing: the gap pairs seeds
+    assert agg[1]["vs_supervised"] == "+10.00"
+    assert benchmark.mean_std([61.5]) == "61.50"
