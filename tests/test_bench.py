@@ -1,0 +1,23 @@
+"""tools/bench.py keeps working: both loops run the same shapes (no timing is asserted)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+import bench  # noqa: E402
+
+
+def test_bench_times_ssltrain_and_the_plain_loop():
+    args = argparse.Namespace(steps=2, warmup=1, device="cpu", amp="none", compile=False, channels_last=False,
+                              threads=1)
+    bench.SHAPES["tiny"] = ("small_cnn", {"width": 4}, (1, 12, 12), 8, 8, ["pi_model"])
+    try:
+        times, calls, peak = bench.time_ssltrain("tiny", args)
+        plain, plain_peak = bench.time_plain("tiny", args)
+    finally:
+        del bench.SHAPES["tiny"]
+    assert len(times) == len(plain) == 2 and all(t > 0 for t in times + plain)
+    assert calls >= 8 and peak > 0 and plain_peak > 0
+    assert bench.dispatch_seconds() < 1e-3
