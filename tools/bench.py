@@ -248,6 +248,8 @@ def main() -> int:
             and Path(TCMALLOC).exists():
         os.environ["LD_PRELOAD"] = f"{TCMALLOC} {os.environ.get('LD_PRELOAD', '')}".strip()
         os.execv(sys.executable, [sys.executable, *sys.argv])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
     device = "cuda" if not cpu else "cpu"
     print(f"device {device} ({torch.cuda.get_device_name() if not cpu else f'{torch.get_num_threads()} threads'}), "
