@@ -77,13 +77,18 @@ def bits_per_dim(log_px: Tensor, dim: int, num_bins: int) -> Tensor:
     return (-log_px + dim * math.log(num_bins)) / (dim * math.log(2))
 
 
-def make_means(num_classes: int, dim: int, init: str, scale: float, generator: torch.Generator) -> Tensor:
+def make_means(num_classes: int, dim: int, init: str, scale: float, generator: torch.Generator,
+               direction: list[float] | None = None) -> Tensor:
     """Fixed class means [C, D]. "random": scale * N(0, I) (the official default, scale 1 for images);
-    "opposite" (2 classes): +-mu along a random unit direction with ||mu_0 - mu_1|| = scale."""
+    "opposite" (2 classes): +-mu with ||mu_0 - mu_1|| = scale along `direction` (normalised; [D] values,
+    as the official 2-D toy's hand-placed means) or, when None, a random unit direction."""
     if init == "random":
         return scale * torch.randn(num_classes, dim, generator=generator)
-    direction = F.normalize(torch.randn(dim, generator=generator), dim=0)
-    return torch.stack([direction, -direction]) * (scale / 2)
+    if direction is None:
+        u = F.normalize(torch.randn(dim, generator=generator), dim=0)
+    else:
+        u = F.normalize(torch.tensor(direction, dtype=torch.float32), dim=0)
+    return torch.stack([u, -u]) * (scale / 2)
 
 
 # ----------------------------------------------------------------------------- model
@@ -179,6 +184,7 @@ class FlowGMM(SSLPlugin):
         consistency_view: Literal["weak", "strong"] = "weak"  # the view x2 whose argmax is the target
         means: Literal["random", "opposite"] = "random"  # fixed class means, see make_means
         mean_scale: float = Field(1.0, gt=0)  # random: std of the means; opposite: distance between them
+        mean_direction: list[float] | None = None  # opposite: the axis of +-mu ([D] values); None: random
         couplings: int = Field(6, ge=1)  # vectors: number of affine couplings
         hidden: int = Field(256, ge=1)  # vectors: width of the coupling MLPs
         dropout: float = Field(0.0, ge=0, lt=1)  # vectors: dropout in the coupling MLPs (0.5 in the official code)
@@ -209,6 +215,10 @@ class FlowGMM(SSLPlugin):
                               "set data.normalize: false")
         if c.means == "opposite" and num_classes != 2:
             raise ConfigError(f"flowgmm.means: 'opposite' needs 2 classes, the data has {num_classes}; use 'random'")
+        dim = math.prod(input_shape)
+        if c.mean_direction is not None and (len(c.mean_direction) != dim or not any(c.mean_direction)):
+            raise ConfigError(f"flowgmm.mean_direction: needs {dim} values, not all zero (the input dimension), "
+                              f"got {c.mean_direction}")
         if image:
             try:
                 flow = ImageRealNVP(tuple(input_shape), c.scales, c.mid_channels, c.res_blocks)
@@ -216,8 +226,8 @@ class FlowGMM(SSLPlugin):
                 raise ConfigError(f"flowgmm: {exc} (lower flowgmm.scales)") from None
         else:
             flow = VectorRealNVP(math.prod(input_shape), c.couplings, c.hidden, c.dropout)
-        dim = math.prod(input_shape)
-        means = make_means(num_classes, dim, c.means, c.mean_scale, torch.Generator().manual_seed(config.seed))
+        means = make_means(num_classes, dim, c.means, c.mean_scale, torch.Generator().manual_seed(config.seed),
+                           c.mean_direction)
         model = FlowGMMModel(flow, means, image)
         self.dim, self.num_bins = model.dim, model.num_bins
         return model

@@ -17,9 +17,10 @@ from torch.nn.utils.parametrizations import weight_norm
 
 # ----------------------------------------------------------------------------- vectors
 class VectorCoupling(nn.Module):
-    """Affine coupling y = m*x + (1-m)*(x*exp(s) + t) with (s, t) = MLP(m*x), s = tanh(.) masked by (1-m).
+    """Affine coupling y = m*x + (1-m)*(x*exp(s) + t) with (s, t) = MLP(m*x), s = rescale*tanh(.) masked by (1-m).
 
-    The MLP is in -> hidden -> hidden -> 2*in (ReLU, dropout), as RealNVPTabular. logdet = sum((1-m)*s).
+    The MLP is in -> hidden -> hidden -> 2*in (ReLU, dropout), as RealNVPTabular, with its learnable per-dimension
+    `rescale` (init 1): without it |s| <= 1 caps each coupling's stretch at e. logdet = sum((1-m)*s).
     """
 
     def __init__(self, mask: Tensor, hidden: int, dropout: float):
@@ -31,11 +32,12 @@ class VectorCoupling(nn.Module):
                                  nn.Linear(hidden, 2 * dim))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        self.rescale = nn.Parameter(torch.ones(dim))
 
     def _st(self, x_id: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self.net(x_id).chunk(2, dim=1)
         free = 1 - self.mask
-        return torch.tanh(s) * free, t * free
+        return self.rescale * torch.tanh(s) * free, t * free
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self._st(x * self.mask)

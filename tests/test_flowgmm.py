@@ -139,11 +139,12 @@ def test_make_means():
     assert abs((m[0] - m[1]).norm().item() - 7.5) < 1e-5
     r = fg.make_means(10, 50, "random", 1.0, g())
     assert r.shape == (10, 50) and torch.equal(r, fg.make_means(10, 50, "random", 1.0, g()))
+    torch.testing.assert_close(fg.make_means(2, 2, "opposite", 4.0, g(), direction=[0.0, 3.0]),
+                               torch.tensor([[0.0, 2.0], [0.0, -2.0]]))
 
 
 def ctx_for(trainer: Trainer, step: int = 0) -> StepContext:
-    return StepContext(step=step, total_steps=10, num_classes=2, device=trainer.device, amp_dtype=None,
-                       predict=lambda x: trainer.predict(trainer.model, x), augment=trainer.augment.view)
+    return trainer.context(step)
 
 
 def test_losses_per_row(tmp_path):
@@ -199,6 +200,8 @@ def test_startup_errors(tmp_path):
         plugin.ssl_build_model(config, 10, (1, 8, 8))
     with pytest.raises(ConfigError, match="'opposite' needs 2 classes"):
         fg.FlowGMM(fg.FlowGMM.Config(means="opposite")).ssl_build_model(config, 3, (2,))
+    with pytest.raises(ConfigError, match="mean_direction: needs 2 values"):
+        fg.FlowGMM(fg.FlowGMM.Config(means="opposite", mean_direction=[1, 0, 0])).ssl_build_model(config, 2, (2,))
 
 
 class RecordingLogger:
