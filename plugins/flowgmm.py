@@ -264,14 +264,14 @@ class FlowGMM(SSLPlugin):
         return {"flowgmm/bpd": bits_per_dim(log_px, self.dim, self.num_bins).mean()}
 
     @hookimpl
-    def ssl_evaluate_end(self, model, data, step, logger):
+    def ssl_evaluate_end(self, model, data, metrics, step, logger):
         was_training = model.training
         model.eval()
         with torch.no_grad():
             x = data.test_x[:self.config.eval_bpd_rows]
             x = x.float() / 255 if x.dtype == torch.uint8 else x
             log_px = torch.cat([model(part)["log_px"] for part in x.split(256)])
-            logger.scalars({"flowgmm/test_bpd": bits_per_dim(log_px, self.dim, self.num_bins).mean().item()}, step)
+            metrics["flowgmm/bpd"] = bits_per_dim(log_px, self.dim, self.num_bins).mean().item()
             if data.input_shape == (2,):
                 self._log_2d(model, data, step, logger)
             elif model.image:

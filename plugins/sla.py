@@ -187,7 +187,7 @@ class SLA(SSLPlugin):
         unlabeled: bool = False  # 5h extension (project design, not in the paper): draws unlabeled data
         rot_weight: float = Field(1.0, ge=0)  # lambda_rot (untuned project choice)
         sd_unlabeled_weight: float = Field(1.0, ge=0)  # lambda_sd, needs sd (untuned project choice)
-        log_all_modes: bool = True  # at each evaluation log sla/eval_top1_{si,ag,sd} (costs M forwards)
+        log_all_modes: bool = True  # at each evaluation add sla/top1_{si,ag,sd} to the metrics (costs M forwards)
 
     @property
     def transforms(self) -> list[Transform]:
@@ -257,10 +257,10 @@ class SLA(SSLPlugin):
         return predict_scores(model, x, self.config.predict, self.transforms)
 
     @hookimpl
-    def ssl_evaluate_end(self, model, data, step, logger):
+    def ssl_evaluate_end(self, model, data, metrics):
         if not self.config.log_all_modes:
             return
         augmenter = Augmenter(self.data_config, data, channels_last=False)
         accs = mode_accuracies(model, data.test_x, data.test_y, self.transforms, 256,
                                lambda x: augmenter(x, "none"))
-        logger.scalars({f"sla/eval_top1_{mode}": v for mode, v in accs.items()}, step)
+        metrics.update({f"sla/top1_{mode}": v for mode, v in accs.items()})

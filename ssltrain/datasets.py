@@ -321,16 +321,39 @@ def load_tabular(root=None, download=False, *, label_column=-1, test_fraction=0.
                 raise ValueError(f"{root}: missing arrays {missing} (has {z.files})")
             train_x, train_y, test_x, test_y = (z[k] for k in keys)
     elif suffix == ".csv":
-        x, y = _read_csv(root, label_column)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed)).numpy()
-        test, train = np.split(order, [int(round(len(y) * test_fraction))])
-        train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
+        train_x, train_y, test_x, test_y = _random_split(*_read_csv(root, label_column), test_fraction, split_seed)
     else:
         raise ValueError(f"tabular: {root} is neither .npz nor .csv")
     values, codes = np.unique(np.concatenate([train_y.reshape(-1), test_y.reshape(-1)]), return_inverse=True)
     codes = _labels(codes.reshape(-1))
     return _vector_arrays(train_x.reshape(len(train_x), -1), codes[:len(train_x)], test_x.reshape(len(test_x), -1),
                           codes[len(train_x):], [str(v) for v in values.tolist()])
+
+
+SKLEARN_DATASETS = ("digits", "wine", "breast_cancer", "iris")
+
+
+def load_sklearn(root=None, download=False, *, dataset="digits", test_fraction=0.2, split_seed=0) -> DatasetArrays:
+    """A real tabular dataset bundled with scikit-learn (no download): ``digits`` (1797 x 64, 10 classes),
+    ``wine`` (178 x 13, 3), ``breast_cancer`` (569 x 30, 2) or ``iris`` (150 x 4, 3). A random
+    ``test_fraction`` of rows, drawn with ``split_seed``, is the test set; features are standardised."""
+    if dataset not in SKLEARN_DATASETS:
+        raise ValueError(f"sklearn: unknown dataset {dataset!r}; set data.options.dataset to one of {SKLEARN_DATASETS}")
+    try:
+        from sklearn import datasets as sk
+    except ImportError:
+        raise DatasetNotFoundError("sklearn datasets need scikit-learn: pip install 'ssltrain[tabular]' "
+                                   "(or pip install scikit-learn)") from None
+    bunch = getattr(sk, f"load_{dataset}")()
+    train_x, train_y, test_x, test_y = _random_split(bunch.data, bunch.target, test_fraction, split_seed)
+    return _vector_arrays(train_x, _labels(train_y), test_x, _labels(test_y), [str(c) for c in bunch.target_names])
+
+
+def _random_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    """(train_x, train_y, test_x, test_y): a random ``test_fraction`` of rows, drawn with ``seed``, for testing."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).numpy()
+    test, train = np.split(order, [int(round(len(y) * test_fraction))])
+    return x[train], y[train], x[test], y[test]
 
 
 # ----------------------------------------------------------------------------- registry
@@ -343,6 +366,7 @@ DATASETS: dict[str, Callable[..., DatasetArrays]] = {
     "stl10": load_stl10,
     "image_folder": load_image_folder,
     "tabular": load_tabular,
+    "sklearn": load_sklearn,
     "synthetic": load_synthetic,
 }
 

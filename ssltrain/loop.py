@@ -125,6 +125,7 @@ class Trainer:
         self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
         self.step = 0
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
+        self.final_eval: dict[str, float] = {}  # the last evaluation's scalars, plugins' included
         self.seconds = {"wall": 0.0, "train": 0.0}
 
     def _rank_batch(self, size: int) -> int:
@@ -284,9 +285,10 @@ class Trainer:
                            sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         if logger is not None:
-            self.history.append([step, metrics["top1"]])
-            logger.evaluation(step, metrics)
             self.hook.ssl_evaluate_end(model=model, data=self.data, metrics=metrics, step=step, logger=logger)
+            self.history.append([step, metrics["top1"]])
+            self.final_eval = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            logger.evaluation(step, metrics)
         self.model.train()
         return metrics
 
@@ -299,6 +301,7 @@ class Trainer:
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "plugins": plugin_state, "history": self.history,
+                "final_eval": self.final_eval,
                 "seconds": dict(self.seconds), "rng": self.dist.gather(_rng_state())}
 
     def save_checkpoint(self, wall: float, eval_seconds: float) -> None:
@@ -325,6 +328,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.hook.ssl_load_state_dict(state=state["plugins"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
+        self.final_eval = state.get("final_eval", {})  # absent in checkpoints from before 0.1.0's final_eval
         if len(state["rng"]) == self.dist.world:  # exact continuation
             _set_rng_state(state["rng"][self.dist.rank])
         else:  # resumed with another number of processes: a fresh, deterministic stream per rank
@@ -340,7 +344,7 @@ class Trainer:
                    "train_samples_per_second": self.step * (self.batch_l + self.batch_u) * self.dist.world
                    / max(self.seconds["train"], 1e-9),
                    "plugins": list(self.config.plugins), "num_labeled": len(self.data.labeled_idx),
-                   "processes": self.dist.world}
+                   "processes": self.dist.world, "final_eval": self.final_eval}
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -73,3 +73,28 @@ def test_aggregate_mean_std_and_gap():
     agg = benchmark.aggregate(rows[:1] + rows[2:])  # baseline of seed 1 missing: the gap pairs seeds
     assert agg[1]["vs_supervised"] == "+10.00"
     assert benchmark.mean_std([61.5]) == "61.50"
+
+
+def test_configs_sharing_a_plugin_list_are_named_by_their_files(tmp_path):
+    a = write_config(tmp_path / "pi_fast.yaml", plugins=["pi_model"], pi_model={"weight": 1.0})
+    b = write_config(tmp_path / "pi_slow.yaml", plugins=["pi_model"], pi_model={"weight": 2.0})
+    cells = benchmark.build_cells([a, b], [4], [0], [], benchmark.discover())
+    assert sorted(c.method for c in cells) == ["pi_fast", "pi_slow", "supervised"]
+    assert all("-pi_model-" in c.run_dir(tmp_path).name for c in cells if c.config.plugins)  # dirs from plugins
+    alone = benchmark.build_cells([a], [4], [0], [], benchmark.discover())
+    assert sorted(c.method for c in alone) == ["pi_model", "supervised"]
+
+
+def test_metric_columns_from_the_last_evaluation(tmp_path, monkeypatch):
+    def fake_train(config, run_dir, resume, classes):
+        final = {"pi_model/agreement": 90.0 + config.seed} if config.plugins else {}
+        return {"steps": 4, "test_top1": 50.0, "median_last_test_top1": 50.0, "wall_seconds": 1.0, "final_eval": final}
+
+    monkeypatch.setattr(benchmark, "train", fake_train)
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    assert run_matrix(tmp_path, [pi], "--metric", "pi_model/agreement") == 0
+    rows = read_rows(tmp_path)
+    assert {(r["method"], r["seed"], r["pi_model/agreement"]) for r in rows if r["labels"] == "4"} == {
+        ("pi_model", "0", "90.0"), ("pi_model", "1", "91.0"), ("supervised", "0", ""), ("supervised", "1", "")}
+    report = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| pi_model/agreement |" in report and "| 90.50 ± 0.71 |" in report

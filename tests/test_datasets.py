@@ -2,6 +2,7 @@
 import gzip
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -213,6 +214,27 @@ def test_tabular_csv(tmp_path):
 def test_tabular_missing_file(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="data.root"):
         load_dataset("tabular", root=str(tmp_path / "none.npz"))
+
+
+@pytest.mark.parametrize("dataset, rows, dim, classes", [("digits", 1797, 64, 10), ("wine", 178, 13, 3),
+                                                         ("breast_cancer", 569, 30, 2), ("iris", 150, 4, 3)])
+def test_sklearn_bundled(dataset, rows, dim, classes):
+    d = load_dataset("sklearn", dataset=dataset, test_fraction=0.25, split_seed=3)
+    assert d.kind == "vector" and d.num_classes == classes and len(d.classes) == classes
+    assert len(d.train_y) + len(d.test_y) == rows and len(d.test_y) == round(rows * 0.25)
+    assert d.train_x.shape[1] == dim and d.train_x.dtype == torch.float32
+    assert torch.allclose(d.train_x.mean(0), torch.zeros(dim), atol=1e-5)
+    assert set(torch.cat([d.train_y, d.test_y]).tolist()) == set(range(classes))
+    again = load_dataset("sklearn", dataset=dataset, test_fraction=0.25, split_seed=3)
+    assert torch.equal(again.test_x, d.test_x)
+
+
+def test_sklearn_errors(monkeypatch):
+    with pytest.raises(ValueError, match="data.options.dataset"):
+        load_dataset("sklearn", dataset="mnist")
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    with pytest.raises(DatasetNotFoundError, match="pip install"):
+        load_dataset("sklearn", dataset="digits")
 
 
 # ----------------------------------------------------------------------------- two moons, registry, stats

@@ -306,11 +306,15 @@ def test_hook_ssl_evaluate_end(tmp_path):
         @hookimpl
         def ssl_evaluate_end(self, model, data, metrics, step, logger):
             assert not model.training and data.num_classes == 2
-            logger.scalars({"watch/top1": metrics["top1"]}, step)
+            logger.image("watch/picture", torch.zeros(3, 4, 4), step)
+            metrics["watch/double_top1"] = 2 * metrics["top1"]
             seen.append(step)
 
-    run(tmp_path, {"watch": Watch}, steps=20)
+    summary = run(tmp_path, {"watch": Watch}, steps=20)
     assert seen == [10, 20]
+    assert summary["final_eval"]["watch/double_top1"] == 2 * summary["test_top1"]  # the last evaluation's
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["watch/double_top1"] for line in lines] == [2 * line["top1"] for line in lines]
 
 
 class Counter(SSLPlugin):

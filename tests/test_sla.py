@@ -277,6 +277,9 @@ def test_tiny_training_resumes_exactly(tmp_path, tiny_images):
     overrides = ("sla.sd=true", "sla.unlabeled=true", "train.eval_every=3", "train.checkpoint_every=3")
     summary = train(image_config("train.steps=6", *overrides), tmp_path / "full")
     assert summary["steps"] == 6 and 0 <= summary["test_top1"] <= 100
+    modes = {k: v for k, v in summary["final_eval"].items() if k.startswith("sla/top1_")}
+    assert set(modes) == {"sla/top1_si", "sla/top1_ag", "sla/top1_sd"} and all(0 <= v <= 100 for v in modes.values())
+    assert modes["sla/top1_ag"] == pytest.approx(summary["test_top1"])  # sla.predict (default ag) made test_top1
     train(image_config("train.steps=3", *overrides), tmp_path / "resumed")
     train(image_config("train.steps=6", *overrides), tmp_path / "resumed", resume=True)
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")

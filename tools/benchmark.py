@@ -38,10 +38,11 @@ class Cell:
     config_path: str
     overrides: list[str]
     config: RunConfig
+    label: str | None = None  # the method's name in the tables when two configs share a plugin list
 
     @property
     def method(self) -> str:
-        return "+".join(self.config.plugins) or "supervised"
+        return self.label or "+".join(self.config.plugins) or "supervised"
 
     @property
     def key(self) -> str:
@@ -52,7 +53,8 @@ class Cell:
 
     def run_dir(self, root: Path) -> Path:
         c = self.config
-        return root / f"{c.data.name}-n{c.data.num_labeled}-{self.method}-s{c.seed}-{self.key}"
+        plugins = "+".join(c.plugins) or "supervised"  # not `method`: a cell's directory must not depend on its peers
+        return root / f"{c.data.name}-n{c.data.num_labeled}-{plugins}-s{c.seed}-{self.key}"
 
     def command(self, root: Path) -> str:
         sets = " ".join(f"--set {shlex.quote(o)}" for o in self.overrides)
@@ -71,6 +73,12 @@ def build_cells(config_paths: list[str], labels: list[int], seeds: list[int], ov
                     sets = [*overrides, f"data.num_labeled={n}", f"seed={seed}", *([plugins] if plugins else [])]
                     cell = Cell(path, sets, resolve(apply_overrides(raw, sets), schemas(classes)))
                     cells.setdefault(cell.key, cell)
+    paths_of: dict[str, set[str]] = {}
+    for cell in cells.values():
+        paths_of.setdefault(cell.method, set()).add(cell.config_path)
+    for cell in cells.values():  # e.g. two SLA configs: name each method by its config file instead
+        if cell.config.plugins and len(paths_of[cell.method]) > 1:
+            cell.label = Path(cell.config_path).stem
     return list(cells.values())
 
 
@@ -89,14 +97,18 @@ def run_cell(cell: Cell, root: Path, classes: dict[str, type]) -> dict | None:
         return None
 
 
-def row_of(cell: Cell, summary: dict | None) -> dict:
+def row_of(cell: Cell, summary: dict | None, metrics: list[str] = ()) -> dict:
+    """A table row; `metrics` are extra columns from the last evaluation (summary.json's final_eval),
+    empty for cells whose plugins do not report them."""
     c = cell.config
     row = {"dataset": c.data.name, "labels": c.data.num_labeled, "method": cell.method, "seed": c.seed,
-           "steps": c.train.steps, "test_top1": None, "median_last_test_top1": None, "wall_s": None}
+           "steps": c.train.steps, "test_top1": None, "median_last_test_top1": None, "wall_s": None,
+           **{m: "" for m in metrics}}
     if summary is not None:
+        final = summary.get("final_eval", {})
         row.update(steps=summary["steps"], test_top1=round(summary["test_top1"], 2),
                    median_last_test_top1=round(summary["median_last_test_top1"], 2),
-                   wall_s=round(summary["wall_seconds"], 1))
+                   wall_s=round(summary["wall_seconds"], 1), **{m: round(final[m], 2) for m in metrics if m in final})
     return row
 
 
@@ -121,11 +133,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
         base = {r["seed"]: r["test_top1"] for r in groups.get((dataset, labels, "supervised", steps), [])}
         paired = [r["test_top1"] - base[r["seed"]] for r in rs if r["seed"] in base]
         gap = statistics.mean(paired) if paired else None
+        extra = [k for k in rs[0] if k not in COLUMNS]  # --metric columns
         out.append({"dataset": dataset, "labels": labels, "method": method, "steps": steps, "seeds": len(rs),
                     "test_top1": mean_std([r["test_top1"] for r in rs]),
                     "median_last_test_top1": mean_std([r["median_last_test_top1"] for r in rs]),
                     "vs_supervised": "-" if gap is None or method == "supervised" else f"{gap:+.2f}",
-                    "wall_s": f"{statistics.mean(r['wall_s'] for r in rs):.0f}"})
+                    "wall_s": f"{statistics.mean(r['wall_s'] for r in rs):.0f}",
+                    **{k: mean_std([r[k] for r in rs if r[k] != ""]) for k in extra}})
     return out
 
 
@@ -139,12 +153,13 @@ def markdown_table(rows: list[dict]) -> str:
 def write_report(rows: list[dict], commands: list[str], out: Path, name: str, invocation: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "command"])
+        writer = csv.DictWriter(f, fieldnames=[*(rows[0] if rows else COLUMNS), "command"])
         writer.writeheader()
         writer.writerows({**r, "command": c} for r, c in zip(rows, commands))
     text = [f"# Benchmark: {name}", "", "Reproduce (finished cells are reused, interrupted ones resumed):", "",
             f"```\n{invocation}\n```", "", "test_top1: the EMA model's test accuracy at the last step; "
-            "median_last_test_top1: median over the last `train.median_last` evaluations; "
+            "median_last_test_top1: median over the last `train.median_last` evaluations; other columns (--metric): "
+            "the last evaluation's value; "
             "mean ± sample std over seeds; vs_supervised: mean test_top1 gain over the baseline, paired by seed.", "", "## Mean over seeds", "", markdown_table(aggregate(rows)), "",
             "## Every run", "", markdown_table(rows), ""]
     (out / f"{name}.md").write_text("\n".join(text))
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="benchmark", help="report file name (without extension)")
     p.add_argument("--out", default="results", help="folder of the report (Markdown and CSV)")
     p.add_argument("--runs", default="runs/benchmark", help="folder of the cells' run directories")
+    p.add_argument("--metric", action="append", default=[], metavar="KEY",
+                   help="extra column from the last evaluation, e.g. sla/top1_si or flowgmm/bpd (summary.json final_eval)")
     args = p.parse_args(argv)
     classes = discover()
     try:
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, commands = [], []
     for i, cell in enumerate(cells):
         print(f"[benchmark] cell {i + 1}/{len(cells)}: {cell.run_dir(root).name}", flush=True)
-        rows.append(row_of(cell, run_cell(cell, root, classes)))
+        rows.append(row_of(cell, run_cell(cell, root, classes), args.metric))
         commands.append(cell.command(root))
         write_report(rows, commands, Path(args.out), args.name, invocation)  # partial tables as cells finish
     return 0 if all(r["test_top1"] is not None for r in rows) else 1
