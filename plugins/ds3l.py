@@ -37,6 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssltrain import ConfigError, Section, SSLPlugin, hookimpl
+from ssltrain.data import Augmenter
 from ssltrain.distributed import all_reduce_mean
 
 
@@ -99,6 +100,20 @@ def auroc(scores: Tensor, positive: Tensor) -> Tensor:
     return (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def weight_stats(w: Tensor, seen: Tensor) -> dict[str, Tensor]:
+    """Mean weight of seen-class and of unseen-class rows (`seen`: bool) and the weights' AUROC for telling
+    them apart (seen = positive); each entry only where it is defined."""
+    out = {}
+    has_seen, has_unseen = bool(seen.any()), bool((~seen).any())
+    if has_seen:
+        out["ds3l/weight_seen"] = w[seen].mean()
+    if has_unseen:
+        out["ds3l/weight_unseen"] = w[~seen].mean()
+    if has_seen and has_unseen:
+        out["ds3l/weight_auroc"] = auroc(w, seen)
+    return out
+
+
 class DS3L(SSLPlugin):
     """Per-sample unlabeled weights from a meta-net trained through a virtual step (module docstring)."""
 
@@ -107,6 +122,7 @@ class DS3L(SSLPlugin):
         inner_lr: float = Field(1e-3, gt=0)  # lr of the virtual plain-SGD step
         hidden: int = Field(100, ge=1)  # hidden width of the meta-net
         normalize_weights: bool = True  # w / mean(w) within the batch (official); False: the paper's form
+        eval_rows: int = Field(5000, ge=1)  # unlabeled rows weighed at each evaluation (diagnostics)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -126,7 +142,7 @@ class DS3L(SSLPlugin):
         if list(plugins) == [self.name]:
             raise ConfigError("ds3l weights the unlabeled loss terms of other plugins and has none of its own; "
                               "list an SSL plugin before it, e.g. plugins: [pi_model, ds3l]")
-        self.seed = config.seed
+        self.seed, self.data_config = config.seed, config.data
 
     def _ensure_meta_net(self, ctx) -> nn.Module:
         """The meta-net and its Adam, built on first use on the training device. The init draws from a
@@ -189,15 +205,21 @@ class DS3L(SSLPlugin):
         if window["meta_loss"]:
             out["ds3l/meta_loss"] = torch.stack(window["meta_loss"]).mean()
         if window["weights"]:
-            w, seen = torch.cat(window["weights"]), torch.cat(window["seen"])
-            has_seen, has_unseen = bool(seen.any()), bool((~seen).any())
-            if has_seen:
-                out["ds3l/weight_seen"] = w[seen].mean()
-            if has_unseen:
-                out["ds3l/weight_unseen"] = w[~seen].mean()
-            if has_seen and has_unseen:
-                out["ds3l/weight_auroc"] = auroc(w, seen)
+            out.update(weight_stats(torch.cat(window["weights"]), torch.cat(window["seen"])))
         return out
+
+    @hookimpl
+    def ssl_evaluate_end(self, model, data, metrics):
+        """The same statistics over `eval_rows` unlabeled rows spread over the unlabeled set, weighed from
+        the evaluated model's un-augmented predictions (eval mode), as `eval/ds3l/...` and in final_eval."""
+        if self.meta_net is None:
+            return
+        idx = data.unlabeled_idx[:: max(1, len(data.unlabeled_idx) // self.config.eval_rows)]
+        prepare = Augmenter(self.data_config, data, channels_last=False)
+        with torch.no_grad():
+            outs = [model(prepare(data.train_x[part], "none")) for part in idx.split(500)]
+            w = torch.cat([sample_weights(self.meta_net, o["logits"] if isinstance(o, dict) else o) for o in outs])
+        metrics.update({k: float(v) for k, v in weight_stats(w, data.y_hidden[idx] >= 0).items()})
 
     @hookimpl
     def ssl_state_dict(self, state):

@@ -14,7 +14,8 @@ from ssltrain.config import load_yaml
 from ssltrain.data import build_data
 from ssltrain.loop import Trainer, reduce_term, train
 from ssltrain.plugins import discover
-from ssltrain_plugins.ds3l import auroc, build_meta_net, meta_update, sample_weights, self_normalize, virtual_step
+from ssltrain_plugins.ds3l import (auroc, build_meta_net, meta_update, sample_weights, self_normalize, virtual_step,
+                                   weight_stats)
 
 from conftest import make_config
 
@@ -239,6 +240,18 @@ def test_pi_model_with_ds3l_trains_and_logs_weight_diagnostics(tmp_path, blobs):
     assert all(len(v) == 2 for v in values.values())  # log steps 5 and 10
     assert all(0 < v < 1 for name in ("ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc")
                for v in values[name])
+    # at each evaluation, the same statistics over the unlabeled set (eval/ in TensorBoard, final_eval in the summary)
+    final = {k: v for k, v in summary["final_eval"].items() if k.startswith("ds3l/")}
+    assert set(final) == {"ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc"}
+    assert all(0 < v < 1 for v in final.values()) and "eval/ds3l/weight_auroc" in events.Tags()["scalars"]
+
+
+def test_weight_stats_only_report_what_is_defined():
+    w = torch.tensor([0.2, 0.4, 0.9])
+    both = weight_stats(w, torch.tensor([False, False, True]))
+    assert both["ds3l/weight_seen"] == pytest.approx(0.9) and both["ds3l/weight_unseen"] == pytest.approx(0.3)
+    assert both["ds3l/weight_auroc"] == 1.0
+    assert set(weight_stats(w, torch.ones(3, dtype=torch.bool))) == {"ds3l/weight_seen"}
 
 
 def test_mixmatch_with_ds3l_trains(tmp_path):
