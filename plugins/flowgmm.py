@@ -34,8 +34,6 @@ from ssltrain.optim import linear_rampup
 from .flows import ImageRealNVP, VectorRealNVP, dequantize_logit, inverse_logit
 
 #: Plugins that change the model built by FlowGMM (the flow is the classifier, so its head cannot change).
-INCOMPATIBLE = {"sla": "SLA widens/wraps the classifier head, but FlowGMM's classifier is the latent Gaussian "
-                       "mixture of its flow (there is no linear head to widen)"}
 PALETTE = torch.tensor([[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
                         [0.58, 0.4, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.5, 0.5, 0.5],
                         [0.74, 0.74, 0.13], [0.09, 0.75, 0.81]])
@@ -175,6 +173,9 @@ class FlowGMM(SSLPlugin):
     is positive, "flowgmm/consistency". Logs bits per dimension and, after each evaluation, the test bpd
     and pictures (2-D: class regions and latent space; images: samples from each class component)."""
 
+    incompatible = {"sla": "SLA widens/wraps the classifier head, but FlowGMM's classifier is the latent Gaussian "
+                           "mixture of its flow (there is no linear head to widen)"}
+
     class Config(Section):
         label_weight: float = Field(1.0, ge=0)  # w_lab on -log p(y|x) of labeled rows (1: paper; 3: image code)
         unlabeled_weight: float = Field(1.0, ge=0)  # weight of -log p(x) of unlabeled rows; 0: labeled only
@@ -198,13 +199,6 @@ class FlowGMM(SSLPlugin):
         super().__init__(config)
         self.uses_unlabeled = config.unlabeled_weight > 0 or config.consistency_weight > 0
         self.dim, self.num_bins = 0, 1
-
-    @hookimpl
-    def ssl_configure(self, config, plugins):
-        for name in plugins:
-            if name in INCOMPATIBLE:
-                raise ConfigError(f"plugins {name!r} and 'flowgmm' cannot run together: {INCOMPATIBLE[name]}; "
-                                  f"remove one of them from `plugins:`")
 
     @hookimpl
     def ssl_build_model(self, config, num_classes, input_shape):

@@ -91,6 +91,9 @@ class MixMatch(SSLPlugin):
     """Label guessing + MixUp in `ssl_modify_batch`, the interleaved forward in `ssl_forward`,
     and the "mixmatch/l2" unlabeled term. Defaults are the official CIFAR-10 values."""
 
+    incompatible = {"sla": "sla trains N*M joint (transformation, class) logits, mixmatch guesses and mixes "
+                           "N-class targets"}
+
     class Config(Section):
         K: int = Field(2, ge=1)  # augmented views per unlabeled sample
         T: float = Field(0.5, gt=0, le=1)  # sharpening temperature
@@ -106,9 +109,6 @@ class MixMatch(SSLPlugin):
 
     @hookimpl
     def ssl_configure(self, config, plugins):
-        if "sla" in plugins:
-            raise ConfigError("mixmatch cannot run with sla: sla trains 4C joint (rotation, class) logits, "
-                              "mixmatch guesses C-class targets; remove one of them from `plugins:`")
         if "flowgmm" in plugins:
             warnings.warn("mixmatch with flowgmm: MixUp of inputs through a normalizing flow is unvalidated",
                           stacklevel=2)

@@ -155,15 +155,6 @@ def mode_accuracies(model: nn.Module, x: Tensor, y: Tensor, transforms: list[Tra
 
 # --- the plugin ---------------------------------------------------------------------------------
 
-#: Plugins whose label space or model cannot share SLA's joint N*M head.
-INCOMPATIBLE = {
-    "mixmatch": "MixMatch guesses and mixes N-class soft targets for labeled and unlabeled rows, but SLA's "
-                "labeled targets are N*M joint labels over M transformed copies and its head has N*M outputs",
-    "flowgmm": "FlowGMM owns the model (a flow with a latent GMM classifier, no nn.Linear head) and its "
-               "class log-posteriors, so there is no linear head for SLA to widen to N*M joint classes",
-}
-
-
 class SLA(SSLPlugin):
     """Joint (class, transformation) labels on the labeled batch; SI/AG/SD prediction.
 
@@ -177,6 +168,13 @@ class SLA(SSLPlugin):
     Consequence: `closure(labeled_only=True)` (e.g. a bi-level step's outer loss) sees L_SLA only.
     `uses_unlabeled` keeps supervised SLA from drawing unlabeled rows.
     """
+
+    incompatible = {
+        "mixmatch": "MixMatch guesses and mixes N-class soft targets for labeled and unlabeled rows, but SLA's "
+                    "labeled targets are N*M joint labels over M transformed copies and its head has N*M outputs",
+        "flowgmm": "FlowGMM owns the model (a flow with a latent GMM classifier, no nn.Linear head) and its "
+                   "class log-posteriors, so there is no linear head for SLA to widen to N*M joint classes",
+    }
 
     class Config(Section):
         transform: Literal[tuple(TRANSFORMS)] = "rotation"  # the M transformations (official names)
@@ -200,10 +198,6 @@ class SLA(SSLPlugin):
 
     @hookimpl
     def ssl_configure(self, config, plugins):
-        for other in plugins:
-            if other in INCOMPATIBLE:
-                raise ConfigError(f"sla cannot be combined with {other}: {INCOMPATIBLE[other]}; "
-                                  f"remove one of them from `plugins:`")
         if self.config.predict == "sd" and not self.config.sd:
             raise ConfigError("sla.predict=sd needs the self-distillation head: set sla.sd=true")
         self.data_config = config.data

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from . import hookspecs
-from .errors import PluginConflictError, PluginError
+from .errors import ConfigError, PluginConflictError, PluginError
 
 ENTRY_POINT_GROUP = "ssltrain.plugins"
 DEFAULTS_NAME = "ssltrain.defaults"
@@ -29,11 +29,13 @@ class SSLPlugin:
     pydantic model, or None when `Config` is None) and registered under its name (`self.name`).
     Hooks are methods decorated with `ssltrain.hookimpl`. A plugin that implements
     `ssl_unlabeled_loss` makes the run draw unlabeled batches, unless its `uses_unlabeled` is
-    False (e.g. an optional unlabeled term switched off in its config).
+    False (e.g. an optional unlabeled term switched off in its config). `incompatible` maps the
+    names of plugins it cannot run with to the reason; listing both stops the run at startup.
     """
 
     Config = None
     name: str = ""
+    incompatible: dict[str, str] = {}
 
     def __init__(self, config=None):
         self.config = config
@@ -65,6 +67,7 @@ def hooks_of(obj) -> list[str]:
 
 def build_manager(config, classes: dict[str, type], defaults) -> pluggy.PluginManager:
     """A fresh plugin manager for one run: core defaults plus the active plugins, checked."""
+    _check_compatible(config.plugins, classes)
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(defaults, name=DEFAULTS_NAME)
@@ -81,6 +84,14 @@ def build_manager(config, classes: dict[str, type], defaults) -> pluggy.PluginMa
     if os.environ.get(TRACE_ENV):
         _trace(pm)
     return pm
+
+
+def _check_compatible(plugins: list[str], classes: dict[str, type]) -> None:
+    for name in plugins:
+        for other, reason in getattr(classes[name], "incompatible", {}).items():
+            if other in plugins:
+                raise ConfigError(f"plugins {name!r} and {other!r} cannot run together: {reason}; "
+                                  f"remove one of them from `plugins:`")
 
 
 def _check_arguments(name: str, plugin) -> None:

@@ -215,7 +215,7 @@ def test_configure_rejects_bad_settings(tmp_path):
     class Sla(SSLPlugin):
         pass
 
-    with pytest.raises(ConfigError, match="sla"):
+    with pytest.raises(ConfigError, match="plugins 'mixmatch' and 'sla' cannot run together: .*N-class targets"):
         mixmatch_trainer(tmp_path, extra={"sla": Sla})
     with pytest.raises(ConfigError, match="multiple of data.batch_size"):
         mixmatch_trainer(tmp_path, "data.batch_size=24")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_config
-from ssltrain import PluginConflictError, PluginError, SSLPlugin, hookimpl
+from ssltrain import ConfigError, PluginConflictError, PluginError, SSLPlugin, hookimpl
 from ssltrain.defaults import CoreDefaults
 from ssltrain.plugins import build_manager, discover, hooks_of
 
@@ -28,6 +28,19 @@ def test_two_owners_of_a_one_owner_hook_conflict():
     with pytest.raises(PluginConflictError) as info:
         manager({"alpha": PredictA, "beta": PredictB})
     assert "'ssl_predict'" in str(info.value) and "'alpha'" in str(info.value) and "'beta'" in str(info.value)
+
+
+def test_declared_incompatible_plugins_stop_the_run_with_the_reason():
+    class Heads(SSLPlugin):
+        incompatible = {"tails": "both flip the same coin"}
+
+    class Tails(SSLPlugin):
+        pass
+
+    with pytest.raises(ConfigError, match="plugins 'heads' and 'tails' cannot run together: both flip the same coin; "
+                                          "remove one of them"):
+        manager({"tails": Tails, "heads": Heads})  # either order, declared on one side
+    assert manager({"heads": Heads}) is not None
 
 
 def test_a_wrapper_does_not_claim_ownership():

@@ -227,7 +227,7 @@ class Stub(SSLPlugin):
 @pytest.mark.parametrize("other", ["mixmatch", "flowgmm"])
 def test_sla_rejects_mixmatch_and_flowgmm_with_the_reason(tmp_path, tiny_images, other):
     config = image_config(plugins=["sla", other], classes={other: Stub})
-    with pytest.raises(ConfigError, match=rf"sla cannot be combined with {other}: .*(label|head)"):
+    with pytest.raises(ConfigError, match=rf"plugins 'sla' and '{other}' cannot run together: .*(label|head)"):
         Trainer(config, tmp_path, {**discover(), other: Stub})
 
 
