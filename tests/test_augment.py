@@ -234,3 +234,14 @@ def test_no_host_syncs_on_cuda():
         A.normalize(x, mean, std)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", list(A.COLOR_OPS))
+def test_colour_op_on_hit_rows_only_equals_the_masked_whole_batch(name):
+    op, max_mag, _ = A.COLOR_OPS[name]
+    x, m, hit = torch.rand(16, 3, 8, 8), torch.rand(16) * max(max_mag, 1.0), torch.rand(16) < 0.4
+    subset = A._apply_to_rows(op, x, m, hit, subset=True)  # the CPU path (hit rows only)
+    torch.testing.assert_close(subset, A._apply_to_rows(op, x, m, hit, subset=False), rtol=0, atol=0)
+    assert torch.equal(subset[~hit], x[~hit])
+    none = torch.zeros(16, dtype=torch.bool)
+    assert torch.equal(A._apply_to_rows(op, x, m, none, subset=True), x)
