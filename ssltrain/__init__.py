@@ -3,7 +3,7 @@
 Public API for plugin authors: `hookimpl`, `SSLPlugin`, the data types and the errors.
 """
 from .config import Section
-from .errors import (CheckpointError, ConfigError, NonFiniteLossError, PluginConflictError,
+from .errors import (CheckpointError, ConfigError, Interrupted, NonFiniteLossError, PluginConflictError,
                      PluginContractError, PluginError, SSLTrainError)
 from .hookspecs import hookimpl
 from .plugins import SSLPlugin
@@ -11,4 +11,4 @@ from .types import LossResult, LossTerm, Outputs, SSLBatch, StepContext, StepRes
 
 __all__ = ["hookimpl", "SSLPlugin", "Section", "SSLBatch", "Outputs", "LossTerm", "LossResult",
            "StepResult", "StepContext", "ConfigError", "PluginError", "PluginConflictError",
-           "PluginContractError", "NonFiniteLossError", "CheckpointError", "SSLTrainError"]
+           "PluginContractError", "NonFiniteLossError", "CheckpointError", "Interrupted", "SSLTrainError"]

@@ -12,7 +12,7 @@ import yaml
 
 from . import checkpoint, hookspecs
 from .config import apply_overrides, load_yaml, resolve
-from .errors import SSLTrainError
+from .errors import Interrupted, SSLTrainError
 from .plugins import ENTRY_POINT_GROUP, discover, hooks_of, schemas
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SSLTrainError as exc:
-        code = 130 if type(exc).__name__ == "Interrupted" else 2
+        code = 130 if isinstance(exc, Interrupted) else 2
         print(f"ssltrain: error: {exc}", file=sys.stderr)
         return code
     except KeyboardInterrupt:

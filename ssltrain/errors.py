@@ -25,5 +25,9 @@ class NonFiniteLossError(SSLTrainError):
     """A loss term became NaN or infinite; the last good checkpoint is left intact."""
 
 
+class Interrupted(SSLTrainError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first (exit code 130)."""
+
+
 class CheckpointError(SSLTrainError):
     """A checkpoint is missing, unreadable, or does not match the run."""

@@ -42,16 +42,12 @@ from . import checkpoint, distributed
 from .config import RunConfig
 from .data import Augmenter, BatchStream, build_data
 from .defaults import CoreDefaults
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, PluginContractError, SSLTrainError
+from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteLossError, PluginContractError
 from .evaluate import evaluate
 from .optim import EMA, build_optimizer, build_scheduler, frozen_bn
 from .plugins import build_manager, discover
 from .tblog import NullLogger, RunLogger
 from .types import LossResult, LossTerm, SSLBatch, StepContext
-
-
-class Interrupted(SSLTrainError):
-    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
 
 
 def reduce_term(term: LossTerm, weights, batch_u: int) -> torch.Tensor:

@@ -98,3 +98,16 @@ def test_metric_columns_from_the_last_evaluation(tmp_path, monkeypatch):
         ("pi_model", "0", "90.0"), ("pi_model", "1", "91.0"), ("supervised", "0", ""), ("supervised", "1", "")}
     report = (tmp_path / "results" / "tiny.md").read_text()
     assert "| pi_model/agreement |" in report and "| 90.50 ± 0.71 |" in report
+
+
+def test_a_signal_stops_the_whole_matrix(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def interrupted(config, run_dir, resume, classes):
+        calls.append(run_dir)
+        raise benchmark.Interrupted("stopped by signal at step 2; checkpoint written")
+
+    monkeypatch.setattr(benchmark, "train", interrupted)
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    assert run_matrix(tmp_path, [pi]) == 130
+    assert len(calls) == 1 and "run the same command again" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_config
 from ssltrain import LossTerm, NonFiniteLossError, SSLPlugin, checkpoint, hookimpl
-from ssltrain.loop import Interrupted, Trainer, train
+from ssltrain.errors import Interrupted
+from ssltrain.loop import Trainer, train
 from ssltrain.plugins import discover
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssltrain.config import CORE_KEYS, RunConfig, apply_overrides, load_yaml, resolve
-from ssltrain.errors import SSLTrainError
+from ssltrain.errors import Interrupted, SSLTrainError
 from ssltrain.loop import train
 from ssltrain.plugins import discover, schemas
 
@@ -92,6 +92,8 @@ def run_cell(cell: Cell, root: Path, classes: dict[str, type]) -> dict | None:
     print(f"[benchmark] {'resuming' if resume else 'running'}: {cell.command(root)}", flush=True)
     try:
         return train(cell.config, run_dir, resume=resume, classes=classes)
+    except Interrupted:
+        raise  # SIGINT/SIGTERM stops the whole matrix, not just this cell
     except SSLTrainError as exc:
         print(f"[benchmark] FAILED {run_dir.name}: {exc}", file=sys.stderr, flush=True)
         return None
@@ -189,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, commands = [], []
     for i, cell in enumerate(cells):
         print(f"[benchmark] cell {i + 1}/{len(cells)}: {cell.run_dir(root).name}", flush=True)
-        rows.append(row_of(cell, run_cell(cell, root, classes), args.metric))
+        try:
+            summary = run_cell(cell, root, classes)
+        except Interrupted as exc:
+            print(f"[benchmark] {exc}; run the same command again to resume the matrix", file=sys.stderr)
+            return 130
+        rows.append(row_of(cell, summary, args.metric))
         commands.append(cell.command(root))
         write_report(rows, commands, Path(args.out), args.name, invocation)  # partial tables as cells finish
     return 0 if all(r["test_top1"] is not None for r in rows) else 1
