@@ -141,7 +141,7 @@ def test_rotation_invariant_input_corrected_invariant():
 
 # --- prediction ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 9])  # 9 rows: AG forwards 3 chunks of 3 images x 4 copies
 def test_predict_modes_against_a_hand_written_loop(batch):
     model, m = sla_model(), 4
     x = torch.randn(batch, 3, 8, 8)
@@ -157,6 +157,13 @@ def test_predict_modes_against_a_hand_written_loop(batch):
         for mode in ("si", "ag", "sd"):
             expect = 100.0 * (predict_scores(model, x, mode, ROT).argmax(-1) == y).float().mean().item()
             assert accs[mode] == pytest.approx(expect)
+
+
+def test_ag_in_train_mode_is_one_forward_with_batch_statistics():
+    model, x = sla_model().train(), torch.randn(9, 3, 8, 8)
+    with torch.no_grad():
+        whole = aggregated_logits(model(transform_copies(x, ROT))["logits"], 4)
+        torch.testing.assert_close(predict_scores(model, x, "ag", ROT), whole)
 
 
 def test_model_wrapper_replaces_the_head():
