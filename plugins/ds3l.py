@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ssltrain import ConfigError, Section, SSLPlugin, hookimpl
 from ssltrain.data import Augmenter
+from ssltrain.defaults import logits_of
 from ssltrain.distributed import all_reduce_mean
 
 
@@ -217,8 +218,8 @@ class DS3L(SSLPlugin):
         idx = data.unlabeled_idx[:: max(1, len(data.unlabeled_idx) // self.config.eval_rows)]
         prepare = Augmenter(self.data_config, data, channels_last=False)
         with torch.no_grad():
-            outs = [model(prepare(data.train_x[part], "none")) for part in idx.split(500)]
-            w = torch.cat([sample_weights(self.meta_net, o["logits"] if isinstance(o, dict) else o) for o in outs])
+            w = torch.cat([sample_weights(self.meta_net, logits_of(model(prepare(data.train_x[part], "none"))))
+                           for part in idx.split(500)])
         metrics.update({k: float(v) for k, v in weight_stats(w, data.y_hidden[idx] >= 0).items()})
 
     @hookimpl

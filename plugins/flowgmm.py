@@ -33,7 +33,6 @@ from ssltrain.optim import linear_rampup
 
 from .flows import ImageRealNVP, VectorRealNVP, dequantize_logit, inverse_logit
 
-#: Plugins that change the model built by FlowGMM (the flow is the classifier, so its head cannot change).
 PALETTE = torch.tensor([[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
                         [0.58, 0.4, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.5, 0.5, 0.5],
                         [0.74, 0.74, 0.13], [0.09, 0.75, 0.81]])

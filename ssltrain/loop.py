@@ -324,7 +324,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.hook.ssl_load_state_dict(state=state["plugins"])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
-        self.final_eval = state.get("final_eval", {})  # absent in checkpoints from before 0.1.0's final_eval
+        self.final_eval = state.get("final_eval", {})  # absent in checkpoints written before final_eval existed
         if len(state["rng"]) == self.dist.world:  # exact continuation
             _set_rng_state(state["rng"][self.dist.rank])
         else:  # resumed with another number of processes: a fresh, deterministic stream per rank

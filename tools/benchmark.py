@@ -41,8 +41,12 @@ class Cell:
     label: str | None = None  # the method's name in the tables when two configs share a plugin list
 
     @property
+    def plugins(self) -> str:
+        return "+".join(self.config.plugins) or "supervised"
+
+    @property
     def method(self) -> str:
-        return self.label or "+".join(self.config.plugins) or "supervised"
+        return self.label or self.plugins
 
     @property
     def key(self) -> str:
@@ -52,9 +56,8 @@ class Cell:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_dir(self, root: Path) -> Path:
-        c = self.config
-        plugins = "+".join(c.plugins) or "supervised"  # not `method`: a cell's directory must not depend on its peers
-        return root / f"{c.data.name}-n{c.data.num_labeled}-{plugins}-s{c.seed}-{self.key}"
+        c = self.config  # named by `plugins`, not `method`: a cell's directory must not depend on its peers
+        return root / f"{c.data.name}-n{c.data.num_labeled}-{self.plugins}-s{c.seed}-{self.key}"
 
     def command(self, root: Path) -> str:
         sets = " ".join(f"--set {shlex.quote(o)}" for o in self.overrides)
