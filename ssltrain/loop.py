@@ -88,8 +88,7 @@ class Trainer:
         self.hook = self.pm.hook
         self.hook.ssl_configure(config=config, plugins=list(config.plugins))
         self.data = build_data(config, self.device)
-        channels_last = tc.channels_last if tc.channels_last is not None else (
-            self.device.type == "cuda" and self.data.kind == "image")
+        channels_last = tc.channels_last if tc.channels_last is not None else self.data.kind == "image"
         model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
                                           input_shape=self.data.input_shape)
         sync_bn = tc.distributed.sync_bn if tc.distributed.sync_bn is not None else self.device.type == "cuda"

@@ -151,3 +151,16 @@ def test_compiled_model_trains(tmp_path):
     summary = train(make_config("train.compile=true", "train.steps=4", "train.eval_every=4",
                                 plugins=["pi_model"]), tmp_path)
     assert summary["steps"] == 4
+
+
+IMAGES = ("data.name=synthetic", "data.options={n_train: 64, n_test: 32, shape: [1, 8, 8]}", "data.num_labeled=20",
+          "data.augment={flip: true}", "model.name=small_cnn", "model.options={width: 4}")
+
+
+@pytest.mark.parametrize("overrides, expected", [(IMAGES, True), ((), False)])
+def test_channels_last_defaults_on_for_images_only(tmp_path, overrides, expected):
+    trainer = Trainer(make_config(*overrides), tmp_path)
+    assert trainer.augment.channels_last is expected
+    if expected:
+        conv = next(p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()

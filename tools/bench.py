@@ -55,7 +55,8 @@ def bench_config(shape: str, args, steps: int):
         f"model.name={model}", f"model.options={json.dumps(options)}", "optim.lr=0.002",
         f"train.steps={steps}", f"train.eval_every={steps}", f"train.log_every={steps}", "train.ema=0.999",
         f"train.device={args.device}", f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}",
-        f"train.channels_last={str(args.channels_last).lower()}", "train.progress=lines",
+        *([] if args.channels_last is None else [f"train.channels_last={str(args.channels_last).lower()}"]),
+        "train.progress=lines",
         "pi_model.view=strong", "pi_model.weight=10", "mixmatch.rampup_steps=16384"]
     if args.threads:
         overrides.append(f"train.cpu_threads={args.threads}")
@@ -237,7 +238,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="turns of (ssltrain, plain) per shape")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the trainer's (on for images)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
@@ -253,7 +255,7 @@ def main() -> int:
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
     device = "cuda" if not cpu else "cpu"
     print(f"device {device} ({torch.cuda.get_device_name() if not cpu else f'{torch.get_num_threads()} threads'}), "
-          f"allocator {allocator}, torch {torch.__version__}, amp {args.amp}, channels_last {args.channels_last}, "
+          f"allocator {allocator}, torch {torch.__version__}, amp {args.amp}, channels_last {'trainer default' if args.channels_last is None else args.channels_last}, "
           f"compile {args.compile}, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds")
     per_call = dispatch_seconds()
     results = []
