@@ -15,9 +15,10 @@ def test_bench_times_ssltrain_and_the_plain_loop():
     bench.SHAPES["tiny"] = ("small_cnn", {"width": 4}, (1, 12, 12), 8, 8, ["pi_model"])
     try:
         times, calls, peak = bench.time_ssltrain("tiny", args)
-        plain, plain_peak = bench.time_plain("tiny", args)
+        plain, plain_peak, flops = bench.time_plain("tiny", args)
     finally:
         del bench.SHAPES["tiny"]
     assert len(times) == len(plain) == 2 and all(t > 0 for t in times + plain)
     assert calls >= 8 and peak > 0 and plain_peak > 0
+    assert flops > 3 * 8 * 2 * 4 * 9 * 12 * 12  # at least the first convolution's forward and backward
     assert bench.dispatch_seconds() < 1e-3

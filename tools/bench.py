@@ -13,8 +13,9 @@ Shapes (synthetic data in the right shape; nothing is downloaded):
 Both loops use the same model, batch shapes, augmentation functions, losses, Adam and EMA. Step
 times are medians over the timed steps (warm-up excluded; CUDA events on GPU), measured in turns
 (ssltrain, plain, ssltrain, plain, ...) so that a busy machine slows both alike. Prints steps/s,
-samples/s, peak memory, the ratio ssltrain / plain, and the share of step time spent in pluggy's
-hook dispatch. On CPU the tool re-runs itself under tcmalloc when Debian's libtcmalloc-minimal4 is
+samples/s, peak memory, the ratio ssltrain / plain, the share of step time spent in pluggy's
+hook dispatch, and the step's matmul/convolution FLOPs with the rate ssltrain reaches (to compare
+with the device's peak). On CPU the tool re-runs itself under tcmalloc when Debian's libtcmalloc-minimal4 is
 installed (--allocator system to keep glibc malloc): see docs/performance.md.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ssltrain import SSLPlugin, augment, hookimpl
 from ssltrain.loop import Trainer
@@ -120,8 +122,10 @@ def time_ssltrain(shape: str, args) -> tuple[list[float], int, float]:
     return clock.intervals()[args.warmup:], round(per_step), _peak(trainer.device)
 
 
-def time_plain(shape: str, args) -> tuple[list[float], float]:
-    """The same math as a hand-written PyTorch loop (no hooks, no plugins)."""
+def time_plain(shape: str, args) -> tuple[list[float], float, int]:
+    """The same math as a hand-written PyTorch loop (no hooks, no plugins): step times, peak memory
+    (bytes), and the FLOPs of one step's matrix multiplications and convolutions (counted on an
+    extra, untimed eager step)."""
     config = bench_config(shape, args, args.warmup + args.steps)
     trainer = Trainer(config, tempfile.mkdtemp(), discover())  # only to share the data tensors on the device
     data, device = trainer.data, trainer.device
@@ -130,7 +134,7 @@ def time_plain(shape: str, args) -> tuple[list[float], float]:
     model = build_backbone(model_name, data.num_classes, data.input_shape, **options).to(device)
     memory_format = torch.channels_last if trainer.augment.channels_last else torch.preserve_format
     model = model.to(memory_format=memory_format)
-    net = torch.compile(model) if args.compile else model
+    net = model  # compiled below, after the FLOP count
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.Adam([{"params": decay}, {"params": rest}], lr=0.002,
@@ -188,12 +192,16 @@ def time_plain(shape: str, args) -> tuple[list[float], float]:
         return lx + 75 * min(counter["step"] / 16384, 1.0) * lu  # linear ramp of lambda_u, as the plugin
 
     model.train()
+    with FlopCounterMode(display=False) as flop_counter:
+        step()
+    if args.compile:
+        net = torch.compile(model)
     clock = Clock(device)
     _reset_peak(device)
     for _ in range(args.warmup + args.steps):
         step()
         clock.mark()
-    return clock.intervals()[args.warmup - 1:], _peak(device)
+    return clock.intervals()[args.warmup - 1:], _peak(device), flop_counter.get_total_flops()
 
 
 def _frozen(model, net, x):
@@ -264,7 +272,7 @@ def main() -> int:
         for _ in range(args.rounds):
             times, calls, peak = time_ssltrain(shape, args)
             ours += times
-            times, peak_plain = time_plain(shape, args)
+            times, peak_plain, flops = time_plain(shape, args)
             plain += times
             peaks.append((peak, peak_plain))
         t_ours, t_plain = statistics.median(ours), statistics.median(plain)
@@ -274,12 +282,14 @@ def main() -> int:
                "ratio": t_ours / t_plain, "ssltrain_steps_per_s": 1 / t_ours, "plain_steps_per_s": 1 / t_plain,
                "samples_per_s": images / t_ours, "hook_calls_per_step": calls,
                "dispatch_share": calls * per_call / t_ours, "peak_memory_mb": max(p[0] for p in peaks) / 2**20,
-               "plain_peak_memory_mb": max(p[1] for p in peaks) / 2**20}
+               "plain_peak_memory_mb": max(p[1] for p in peaks) / 2**20,
+               "gflop_per_step": flops / 1e9, "ssltrain_gflop_per_s": flops / 1e9 / t_ours}
         results.append(row)
         print(f"{shape:10s} {images:4d} img/step  ssltrain {t_ours * 1000:8.1f} ms ({1 / t_ours:6.2f} steps/s, "
               f"{images / t_ours:7.0f} img/s)  plain {t_plain * 1000:8.1f} ms  ratio {t_ours / t_plain:.3f}  "
               f"hooks {calls}/step x {per_call * 1e6:.1f} us = {100 * row['dispatch_share']:.3f}% of the step  "
-              f"peak mem {row['peak_memory_mb']:.0f} MB (plain {row['plain_peak_memory_mb']:.0f} MB)", flush=True)
+              f"peak mem {row['peak_memory_mb']:.0f} MB (plain {row['plain_peak_memory_mb']:.0f} MB)  "
+              f"{row['gflop_per_step']:.1f} GFLOP/step = {row['ssltrain_gflop_per_s']:.1f} GFLOP/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "allocator": allocator, "results": results}, indent=2))
     return 0
