@@ -37,7 +37,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssltrain import ConfigError, Section, SSLPlugin, hookimpl
-from ssltrain.data import Augmenter
 from ssltrain.defaults import logits_of
 from ssltrain.distributed import all_reduce_mean
 
@@ -143,7 +142,7 @@ class DS3L(SSLPlugin):
         if list(plugins) == [self.name]:
             raise ConfigError("ds3l weights the unlabeled loss terms of other plugins and has none of its own; "
                               "list an SSL plugin before it, e.g. plugins: [pi_model, ds3l]")
-        self.seed, self.data_config = config.seed, config.data
+        self.seed = config.seed
 
     def _ensure_meta_net(self, ctx) -> nn.Module:
         """The meta-net and its Adam, built on first use on the training device. The init draws from a
@@ -210,15 +209,14 @@ class DS3L(SSLPlugin):
         return out
 
     @hookimpl
-    def ssl_evaluate_end(self, model, data, metrics):
+    def ssl_evaluate_end(self, model, data, prepare, metrics):
         """The same statistics over `eval_rows` unlabeled rows spread over the unlabeled set, weighed from
         the evaluated model's un-augmented predictions (eval mode), as `eval/ds3l/...` and in final_eval."""
         if self.meta_net is None:
             return
         idx = data.unlabeled_idx[:: max(1, len(data.unlabeled_idx) // self.config.eval_rows)]
-        prepare = Augmenter(self.data_config, data, channels_last=False)
         with torch.no_grad():
-            w = torch.cat([sample_weights(self.meta_net, logits_of(model(prepare(data.train_x[part], "none"))))
+            w = torch.cat([sample_weights(self.meta_net, logits_of(model(prepare(data.train_x[part]))))
                            for part in idx.split(500)])
         metrics.update({k: float(v) for k, v in weight_stats(w, data.y_hidden[idx] >= 0).items()})
 

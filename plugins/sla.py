@@ -22,7 +22,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssltrain import ConfigError, LossTerm, Section, SSLPlugin, hookimpl
-from ssltrain.data import Augmenter
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -203,10 +202,9 @@ class SLA(SSLPlugin):
         return self.config.unlabeled
 
     @hookimpl
-    def ssl_configure(self, config, plugins):
+    def ssl_configure(self):
         if self.config.predict == "sd" and not self.config.sd:
             raise ConfigError("sla.predict=sd needs the self-distillation head: set sla.sd=true")
-        self.data_config = config.data
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, num_classes, input_shape):
@@ -257,10 +255,8 @@ class SLA(SSLPlugin):
         return predict_scores(model, x, self.config.predict, self.transforms)
 
     @hookimpl
-    def ssl_evaluate_end(self, model, data, metrics):
+    def ssl_evaluate_end(self, model, data, prepare, metrics):
         if not self.config.log_all_modes:
             return
-        augmenter = Augmenter(self.data_config, data, channels_last=False)
-        accs = mode_accuracies(model, data.test_x, data.test_y, self.transforms, 256,
-                               lambda x: augmenter(x, "none"))
+        accs = mode_accuracies(model, data.test_x, data.test_y, self.transforms, 256, prepare)
         metrics.update({f"sla/top1_{mode}": v for mode, v in accs.items()})

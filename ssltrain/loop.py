@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -275,12 +276,14 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
         shard = slice(self.dist.rank, None, self.dist.world)
-        metrics = evaluate(lambda x: self.predict(model, self.augment(x, "none")), self.data.test_x[shard],
+        prepare = functools.partial(self.augment, name="none")
+        metrics = evaluate(lambda x: self.predict(model, prepare(x)), self.data.test_x[shard],
                            self.data.test_y[shard], self.data.num_classes, self.config.train.eval_batch_size,
                            sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         if logger is not None:
-            self.hook.ssl_evaluate_end(model=model, data=self.data, metrics=metrics, step=step, logger=logger)
+            self.hook.ssl_evaluate_end(model=model, data=self.data, prepare=prepare, metrics=metrics, step=step,
+                                       logger=logger)
             self.history.append([step, metrics["top1"]])
             self.final_eval = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             logger.evaluation(step, metrics)

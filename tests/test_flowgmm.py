@@ -222,7 +222,8 @@ def test_two_moons_training_pictures_and_checkpoint_round_trip(tmp_path):
     summary = trainer.fit()  # raises NonFiniteLossError on a non-finite loss
     assert summary["steps"] == 12 and 0 <= summary["test_top1"] <= 100
     logger, metrics = RecordingLogger(), {}
-    trainer.hook.ssl_evaluate_end(model=trainer.model, data=trainer.data, metrics=metrics, step=12, logger=logger)
+    trainer.hook.ssl_evaluate_end(model=trainer.model, data=trainer.data, prepare=lambda x: x, metrics=metrics, step=12,
+                                  logger=logger)
     assert trainer.model.training  # restored after the pictures
     assert {k: tuple(v.shape) for k, v in logger.images.items()} == {
         "flowgmm/class_regions": (3, 256, 256), "flowgmm/latent_space": (3, 256, 256)}

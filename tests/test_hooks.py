@@ -304,8 +304,9 @@ def test_hook_ssl_evaluate_end(tmp_path):
 
     class Watch(SSLPlugin):
         @hookimpl
-        def ssl_evaluate_end(self, model, data, metrics, step, logger):
+        def ssl_evaluate_end(self, model, data, prepare, metrics, step, logger):
             assert not model.training and data.num_classes == 2
+            torch.testing.assert_close(prepare(data.test_x[:3]), data.test_x[:3])  # two moons: no normalisation
             logger.image("watch/picture", torch.zeros(3, 4, 4), step)
             metrics["watch/double_top1"] = 2 * metrics["top1"]
             seen.append(step)
