@@ -262,8 +262,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
     device = "cuda" if not cpu else "cpu"
+    channels_last = "trainer default" if args.channels_last is None else args.channels_last
     print(f"device {device} ({torch.cuda.get_device_name() if not cpu else f'{torch.get_num_threads()} threads'}), "
-          f"allocator {allocator}, torch {torch.__version__}, amp {args.amp}, channels_last {'trainer default' if args.channels_last is None else args.channels_last}, "
+          f"allocator {allocator}, torch {torch.__version__}, amp {args.amp}, channels_last {channels_last}, "
           f"compile {args.compile}, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds")
     per_call = dispatch_seconds()
     results = []

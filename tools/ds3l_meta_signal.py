@@ -25,7 +25,7 @@ import torch
 
 from ssltrain import checkpoint
 from ssltrain.cli import load_config
-from ssltrain.loop import Trainer
+from ssltrain.loop import Trainer, reduce_term
 from ssltrain.plugins import discover
 from ssltrain_plugins.ds3l import auroc, sample_weights
 
@@ -33,15 +33,14 @@ from ssltrain_plugins.ds3l import auroc, sample_weights
 def meta_signal(closure, params: dict[str, torch.Tensor], n_rows: int):
     """s_j = grad_theta L_labeled . grad_theta Omega_j for each of `n_rows` unlabeled rows, exactly: the
     gradient in u of g_labeled . grad_theta sum_j u_j Omega_j at u = 1 (a double backward, as the meta
-    step's). Omega_j sums the weighted terms of `closure(params=params)` (their `weight` included).
-    Returns (s [n_rows], the closure's LossResult)."""
+    step's). Omega_j is row j's share of the weighted terms of `closure(params=params)`, reduced by the
+    core's `reduce_term` with u as the per-row weights. Returns (s [n_rows], the closure's LossResult)."""
     labeled = closure(params=params, labeled_only=True).total
     g_labeled = torch.autograd.grad(labeled, list(params.values()), allow_unused=True)
-    u = torch.ones(n_rows, requires_grad=True)
+    u = torch.ones(n_rows, device=next(iter(params.values())).device, requires_grad=True)
     result = closure(params=params)
-    omega = sum(t.per_sample.float().reshape(n_rows, -1).mean(-1) * t.weight for t in result.terms if t.weighted)
-    g_omega = torch.autograd.grad((u.to(omega.device) * omega).sum(), list(params.values()),
-                                  create_graph=True, allow_unused=True)
+    weighted_sum = n_rows * sum(reduce_term(t, u, n_rows) for t in result.terms if t.weighted)  # sum_j u_j Omega_j
+    g_omega = torch.autograd.grad(weighted_sum, list(params.values()), create_graph=True, allow_unused=True)
     dot = sum((a * b).sum() for a, b in zip(g_omega, g_labeled) if a is not None and b is not None)
     return torch.autograd.grad(dot, u)[0], result
 
@@ -58,7 +57,7 @@ def row_signal(trainer: Trainer, step: int) -> tuple[torch.Tensor, torch.Tensor,
     if plugin is not None and plugin.meta_net is not None:
         with torch.no_grad():
             weights = sample_weights(plugin.meta_net, result.outputs.logits_u)
-    return s.to(batch.y_u_hidden.device), batch.y_u_hidden >= 0, weights
+    return s, batch.y_u_hidden >= 0, weights
 
 
 def main() -> int:

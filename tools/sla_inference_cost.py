@@ -9,15 +9,15 @@ import time
 
 import torch
 
-from ssltrain.config import load_yaml, resolve
+from ssltrain.cli import load_config
 from ssltrain.loop import Trainer
-from ssltrain.plugins import discover, schemas
+from ssltrain.plugins import discover
 from ssltrain_plugins.sla import predict_scores
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    config = resolve(load_yaml("configs/sla_fashion_mnist.yaml"), schemas(discover()))
+    config = load_config("configs/sla_fashion_mnist.yaml", [], discover())
     trainer = Trainer(config, tempfile.mkdtemp())
     transforms = trainer.pm.get_plugin("sla").transforms
     model = trainer.model.eval()
