@@ -74,3 +74,18 @@ def test_hooks_command_lists_every_hook(capsys):
     out = capsys.readouterr().out
     for name in (n for n in dir(hookspecs) if n.startswith("ssl_")):
         assert name in out
+
+
+def test_closed_stdout_exits_quietly():
+    """`ssltrain plugins | head`: when the reader has gone, exit 141 with no traceback."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the child's stdout now fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "ssltrain.cli", "plugins"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
