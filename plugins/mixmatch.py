@@ -11,6 +11,11 @@ Batch norm (`bn_mode`):
 - "interleave" (official): forwards of B rows each (K+1 of them when B_u = B), rows swapped between
   them so that every forward sees labeled rows; only the first forward updates the running statistics.
 - "concat": one forward over all (K+1)*B rows (the core default forward).
+
+`distribution_alignment` (off by default: not part of MixMatch) adds ReMixMatch's fix for guesses that
+drift away from a class (Berthelot et al. 2020): before sharpening, the mean guess is multiplied by
+p_labeled / p_model and renormalised, where p_model is a running mean of the model's unlabeled
+predictions and p_labeled the class marginal of the labeled rows seen so far.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ssltrain import ConfigError, LossTerm, Outputs, PluginContractError, Section, SSLPlugin, hookimpl
+from ssltrain.distributed import all_reduce_mean
 from ssltrain.optim import linear_rampup
 
 
@@ -37,6 +43,13 @@ def sharpen(p: Tensor, T: float) -> Tensor:
 def guess_labels(probs: list[Tensor], T: float) -> Tensor:
     """q = Sharpen(mean_k probs[k], T), detached: one target [B, C] shared by the K views."""
     return sharpen(torch.stack(probs).mean(0), T).detach()
+
+
+def align_distribution(q: Tensor, p_model: Tensor, p_target: Tensor) -> Tensor:
+    """ReMixMatch's distribution alignment: q'_c proportional to q_c * p_target_c / p_model_c, rows
+    renormalised. q: [B, C] distributions; p_model, p_target: [C]. p_model == p_target is the identity."""
+    q = q * (p_target / p_model.clamp(min=1e-6))
+    return q / q.sum(-1, keepdim=True)
 
 
 def mix_weights(n: int, alpha: float, device=None) -> Tensor:
@@ -101,11 +114,14 @@ class MixMatch(SSLPlugin):
         lambda_u: float = Field(75.0, ge=0)  # weight of the L2 term after the ramp-up
         rampup_steps: int = Field(16384, ge=0)  # linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)
         bn_mode: Literal["interleave", "concat"] = "interleave"
-
+        distribution_alignment: bool = False  # ReMixMatch's alignment of the guesses (not in MixMatch)
+        alignment_momentum: float = Field(0.99, ge=0, lt=1)  # running mean of p_model (ReMixMatch: 128 batches)
 
     def __init__(self, config=None):
         super().__init__(config)
         self.diagnostics: dict[str, Tensor] = {}
+        self.p_model: Tensor | None = None  # running mean of unlabeled predictions, [C]
+        self.label_counts: Tensor | None = None  # labeled rows seen per class, [C]
 
     @hookimpl
     def ssl_configure(self, config, plugins):
@@ -126,8 +142,10 @@ class MixMatch(SSLPlugin):
         views = [ctx.augment(batch.raw_u, "weak") for _ in range(cfg.K)]
         with torch.no_grad():  # the official code drops the guessing forwards' BN updates
             probs = [ctx.predict(v, update_bn=False).float().softmax(-1) for v in views]
-        q = guess_labels(probs, cfg.T)
         y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
+        if cfg.distribution_alignment:
+            probs = [self._aligned(torch.stack(probs).mean(0), y_l.float())]
+        q = guess_labels(probs, cfg.T)
         x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l.float(), q.repeat(cfg.K, 1)])
         n = x_all.shape[0]
         x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, cfg.alpha, x_all.device), torch.randperm(n, device=x_all.device))
@@ -142,6 +160,29 @@ class MixMatch(SSLPlugin):
             hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
             self.diagnostics = {"mixmatch/guess_acc": 100 * hits.sum() / seen.sum().clamp(min=1),
                                 "mixmatch/guess_max": q.max(-1).values.mean()}
+
+    def _aligned(self, q_mean: Tensor, y_l: Tensor) -> Tensor:
+        """Align this batch's mean guesses [B, C], then fold the batch into the running marginals (on device,
+        averaged over processes: every rank keeps the same state)."""
+        if self.p_model is None:
+            self.p_model = torch.full_like(q_mean[0], 1.0 / q_mean.shape[1])
+            self.label_counts = torch.zeros_like(q_mean[0])
+        self.p_model, self.label_counts = self.p_model.to(q_mean.device), self.label_counts.to(q_mean.device)
+        self.label_counts += all_reduce_mean(y_l.sum(0))
+        aligned = align_distribution(q_mean, self.p_model, self.label_counts / self.label_counts.sum())
+        self.p_model.lerp_(all_reduce_mean(q_mean.mean(0)), 1 - self.config.alignment_momentum)
+        return aligned
+
+    @hookimpl
+    def ssl_state_dict(self, state):
+        if self.p_model is not None:
+            state[self.name] = {"p_model": self.p_model, "label_counts": self.label_counts}
+
+    @hookimpl
+    def ssl_load_state_dict(self, state):
+        saved = state.get(self.name)
+        if saved is not None:
+            self.p_model, self.label_counts = saved["p_model"].clone(), saved["label_counts"].clone()
 
     @hookimpl
     def ssl_forward(self, batch, forward):

@@ -14,7 +14,7 @@ from ssltrain.config import OptimConfig
 from ssltrain.loop import Trainer, train
 from ssltrain.optim import EMA, build_optimizer
 from ssltrain.plugins import discover
-from ssltrain_plugins.mixmatch import (MixMatch, guess_labels, interleave, interleave_offsets, l2_per_row,
+from ssltrain_plugins.mixmatch import (MixMatch, align_distribution, guess_labels, interleave, interleave_offsets, l2_per_row,
                                        mix_weights, mixup, sharpen)
 
 from conftest import make_config
@@ -236,8 +236,32 @@ def test_trains_with_finite_losses(tmp_path, bn_mode):
     assert "nan" not in metrics.lower()
 
 
-def test_checkpoint_resume_is_exact(tmp_path):
-    base = ["mixmatch.rampup_steps=4", "train.eval_every=5"]
+def test_distribution_alignment_maps_the_model_marginal_to_the_target():
+    p_model, p_target = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.3, 0.5])
+    q = torch.softmax(torch.randn(8, 3), -1)
+    torch.testing.assert_close(align_distribution(q, p_target, p_target), q)  # aligned model: identity
+    torch.testing.assert_close(align_distribution(p_model[None], p_model, p_target)[0], p_target)
+    aligned = align_distribution(q, p_model, p_target)
+    torch.testing.assert_close(aligned.sum(-1), torch.ones(8))
+    assert (aligned[:, 0] < q[:, 0]).all() and (aligned[:, 2] > q[:, 2]).all()  # over-predicted class loses mass
+
+
+def test_distribution_alignment_tracks_marginals_and_stays_off_by_default(tmp_path):
+    plain = mixmatch_trainer(tmp_path / "plain")
+    modified_batch(plain)
+    assert plain.pm.get_plugin("mixmatch").p_model is None  # faithful MixMatch: no alignment state
+    trainer = mixmatch_trainer(tmp_path / "da", "mixmatch.distribution_alignment=true", "mixmatch.alignment_momentum=0.5")
+    plugin = trainer.pm.get_plugin("mixmatch")
+    batch, ctx, (_, y_l, _, _) = modified_batch(trainer)
+    torch.testing.assert_close(plugin.label_counts, torch.bincount(y_l, minlength=2).float())
+    assert plugin.p_model.shape == (2,) and torch.isclose(plugin.p_model.sum(), torch.tensor(1.0))
+    assert not torch.equal(plugin.p_model, torch.full((2,), 0.5))  # moved halfway to the batch's mean guess
+    torch.testing.assert_close(batch.y_u.sum(-1), torch.ones(batch.y_u.shape[0]))
+
+
+@pytest.mark.parametrize("alignment", [False, True])
+def test_checkpoint_resume_is_exact(tmp_path, alignment):
+    base = ["mixmatch.rampup_steps=4", "train.eval_every=5", f"mixmatch.distribution_alignment={alignment}"]
     straight = make_config("train.steps=10", *base, plugins=["mixmatch"])
     train(straight, tmp_path / "straight")
     train(make_config("train.steps=5", *base, plugins=["mixmatch"]), tmp_path / "resumed")
