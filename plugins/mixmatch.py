@@ -159,7 +159,9 @@ class MixMatch(SSLPlugin):
             seen = batch.y_u_hidden[: q.shape[0]] >= 0
             hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
             self.diagnostics = {"mixmatch/guess_acc": 100 * hits.sum() / seen.sum().clamp(min=1),
-                                "mixmatch/guess_max": q.max(-1).values.mean()}
+                                "mixmatch/guess_max": q.max(-1).values.mean(),
+                                # C * the smallest class share of the guesses: 1 balanced, 0 a class never guessed
+                                "mixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
 
     def _aligned(self, q_mean: Tensor, y_l: Tensor) -> Tensor:
         """Align this batch's mean guesses [B, C], then fold the batch into the running marginals (on device,

@@ -11,7 +11,7 @@ initialisation, it computes every unlabeled row's first-order meta signal
 (methods.md 3g: dL_meta/dw_j ~ -inner_lr * s_j, so the meta step raises the weight of rows with s_j > 0),
 exactly, by a double backward through the per-row weights (as the meta step itself does). It prints the AUROC of s
 for telling seen-class rows from unseen-class rows (0.5: no preference; below 0.5: the signal itself
-favours unseen rows), the mean s of each group, and, when DS3L is active, the AUROC of the meta-net's
+favours unseen rows), the mean s and mean |s| of each group, and, when DS3L is active, the AUROC of the meta-net's
 weights on the same rows.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> int:
     print(f"{args.run_dir} at {args.at} (step {trainer.step}), {len(s)} unlabeled rows, {int(seen.sum())} seen-class")
     print(f"meta signal s: AUROC seen vs unseen {float(auroc(s, seen)):.3f}; mean s seen {float(s[seen].mean()):.3g}, "
           f"unseen {float(s[~seen].mean()):.3g}; rows with s > 0: seen {float((s[seen] > 0).float().mean()):.2f}, "
-          f"unseen {float((s[~seen] > 0).float().mean()):.2f}")
+          f"unseen {float((s[~seen] > 0).float().mean()):.2f}; mean |s| seen {float(s[seen].abs().mean()):.3g}, "
+          f"unseen {float(s[~seen].abs().mean()):.3g}")
     if rows[0][2] is not None:
         w = torch.cat([r[2] for r in rows])
         print(f"meta-net weights: AUROC seen vs unseen {float(auroc(w, seen)):.3f}; "
