@@ -30,3 +30,14 @@ def test_meta_signal_matches_per_row_gradients():
     expected = (0.5 * 2 * (x_u @ w)[:, None] * x_u) @ g_labeled  # only the weighted term counts
     torch.testing.assert_close(s, expected)
     assert expected.abs().max() > 1e-3 and not torch.allclose(s, s[0].expand(4))  # rows differ
+
+
+def test_rejects_a_run_without_seen_and_unseen_rows(tmp_path, monkeypatch):
+    import pytest
+    import yaml
+
+    from conftest import TINY
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "plugins": []}))
+    monkeypatch.setattr(sys, "argv", ["ds3l_meta_signal.py", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"needs a run with data.class_mismatch .*\(plugins here: \[\]\)"):
+        ds3l_meta_signal.main()

@@ -68,6 +68,10 @@ def main() -> int:
     args = p.parse_args()
     classes = discover()
     config = load_config(str(args.run_dir / "config.yaml"), [], classes)
+    weighted = [name for name in config.plugins if hasattr(classes[name], "ssl_unlabeled_loss")]
+    if config.data.class_mismatch is None or not weighted:
+        sys.exit(f"{args.run_dir}: needs a run with data.class_mismatch (seen/unseen rows) and a plugin with an "
+                 f"unlabeled loss (plugins here: {config.plugins}); e.g. a pi_model or pi_model+ds3l benchmark cell")
     trainer = Trainer(config, tempfile.mkdtemp(), classes)
     if args.at == "last":
         trainer.load_state_dict(checkpoint.load(args.run_dir / "checkpoints" / "last.pt"))
