@@ -8,6 +8,8 @@ and the initialisation). For each config the supervised baseline is the same con
 `plugins=[]`: same model, augmentation, optimizer, EMA and steps. Each cell trains in its own run
 directory, named by a hash of its resolved config; a cell with a summary.json is not re-run and an
 interrupted one resumes from its checkpoint, so re-running the command continues the matrix.
+The hash covers defaults too: a new option in a plugin's Config (even one that keeps the old
+behaviour) gives that plugin's cells new names, and they are re-run.
 Writes `<out>/<name>.md` and `<out>/<name>.csv` (every cell, plus mean ± std over seeds) with the
 command that reproduces them.
 """
