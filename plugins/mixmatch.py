@@ -143,10 +143,11 @@ class MixMatch(SSLPlugin):
         with torch.no_grad():  # the official code drops the guessing forwards' BN updates
             probs = [ctx.predict(v, update_bn=False).float().softmax(-1) for v in views]
         y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
+        y_l = y_l.float()
         if cfg.distribution_alignment:
-            probs = [self._aligned(torch.stack(probs).mean(0), y_l.float())]
+            probs = [self._aligned(torch.stack(probs).mean(0), y_l)]
         q = guess_labels(probs, cfg.T)
-        x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l.float(), q.repeat(cfg.K, 1)])
+        x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l, q.repeat(cfg.K, 1)])
         n = x_all.shape[0]
         x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, cfg.alpha, x_all.device), torch.randperm(n, device=x_all.device))
         batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
@@ -170,9 +171,10 @@ class MixMatch(SSLPlugin):
             self.p_model = torch.full_like(q_mean[0], 1.0 / q_mean.shape[1])
             self.label_counts = torch.zeros_like(q_mean[0])
         self.p_model, self.label_counts = self.p_model.to(q_mean.device), self.label_counts.to(q_mean.device)
-        self.label_counts += all_reduce_mean(y_l.sum(0))
+        labels, guesses = all_reduce_mean(torch.stack([y_l.sum(0), q_mean.mean(0)]))  # one collective
+        self.label_counts += labels
         aligned = align_distribution(q_mean, self.p_model, self.label_counts / self.label_counts.sum())
-        self.p_model.lerp_(all_reduce_mean(q_mean.mean(0)), 1 - self.config.alignment_momentum)
+        self.p_model.lerp_(guesses, 1 - self.config.alignment_momentum)
         return aligned
 
     @hookimpl

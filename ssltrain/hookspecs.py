@@ -140,10 +140,11 @@ def ssl_evaluate_end(model, data, prepare, metrics, step, logger):
     """Notification after each evaluation of `model` (the evaluated model, EMA when on).
 
     data: the run's `SSLData`; prepare(x): raw dataset rows (e.g. `data.test_x[i]`) -> model inputs,
-    un-augmented and normalised as the evaluation feeds them (the run's memory format); metrics: the evaluation metrics dict, to which a plugin may add its own
-    evaluation scalars as `metrics["<plugin>/<name>"] = float` (logged as `eval/<key>`, written to
-    metrics.jsonl and, from the last evaluation, to summary.json's `final_eval`); logger: the run's
-    `RunLogger` for pictures (e.g. `logger.figure(tag, fig, step)`). Collected; return nothing.
+    un-augmented and normalised as the evaluation feeds them (the run's memory format); metrics: the
+    evaluation metrics dict, to which a plugin may add its own evaluation scalars as
+    `metrics["<plugin>/<name>"] = float` (logged as `eval/<key>`, written to metrics.jsonl and, from the
+    last evaluation, to summary.json's `final_eval`); logger: the run's `RunLogger` for pictures (e.g.
+    `logger.figure(tag, fig, step)`). Collected; return nothing.
     """
 
 

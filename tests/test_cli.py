@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -78,9 +81,6 @@ def test_hooks_command_lists_every_hook(capsys):
 
 def test_closed_stdout_exits_quietly():
     """`ssltrain plugins | head`: when the reader has gone, exit 141 with no traceback."""
-    import os
-    import subprocess
-    import sys
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write to the child's stdout now fails with EPIPE
     try:

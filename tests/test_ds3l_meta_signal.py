@@ -5,8 +5,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
+import yaml
 
+from conftest import TINY
 from ssltrain import LossTerm
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
@@ -33,10 +36,6 @@ def test_meta_signal_matches_per_row_gradients():
 
 
 def test_rejects_a_run_without_seen_and_unseen_rows(tmp_path, monkeypatch):
-    import pytest
-    import yaml
-
-    from conftest import TINY
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "plugins": []}))
     monkeypatch.setattr(sys, "argv", ["ds3l_meta_signal.py", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"needs a run with data.class_mismatch .*\(plugins here: \[\]\)"):

@@ -14,8 +14,8 @@ from ssltrain.config import OptimConfig
 from ssltrain.loop import Trainer, train
 from ssltrain.optim import EMA, build_optimizer
 from ssltrain.plugins import discover
-from ssltrain_plugins.mixmatch import (MixMatch, align_distribution, guess_labels, interleave, interleave_offsets, l2_per_row,
-                                       mix_weights, mixup, sharpen)
+from ssltrain_plugins.mixmatch import (MixMatch, align_distribution, guess_labels, interleave, interleave_offsets,
+                                       l2_per_row, mix_weights, mixup, sharpen)
 
 from conftest import make_config
 

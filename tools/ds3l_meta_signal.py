@@ -26,7 +26,7 @@ import torch
 from ssltrain import checkpoint
 from ssltrain.cli import load_config
 from ssltrain.loop import Trainer, reduce_term
-from ssltrain.plugins import discover
+from ssltrain.plugins import discover, hooks_of
 from ssltrain_plugins.ds3l import auroc, sample_weights
 
 
@@ -68,8 +68,8 @@ def main() -> int:
     args = p.parse_args()
     classes = discover()
     config = load_config(str(args.run_dir / "config.yaml"), [], classes)
-    weighted = [name for name in config.plugins if hasattr(classes[name], "ssl_unlabeled_loss")]
-    if config.data.class_mismatch is None or not weighted:
+    if config.data.class_mismatch is None or not any("ssl_unlabeled_loss" in hooks_of(classes[name])
+                                                     for name in config.plugins):
         sys.exit(f"{args.run_dir}: needs a run with data.class_mismatch (seen/unseen rows) and a plugin with an "
                  f"unlabeled loss (plugins here: {config.plugins}); e.g. a pi_model or pi_model+ds3l benchmark cell")
     trainer = Trainer(config, tempfile.mkdtemp(), classes)
