@@ -36,9 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssltrain import ConfigError, Section, SSLPlugin, hookimpl
-from ssltrain.defaults import logits_of
-from ssltrain.distributed import all_reduce_mean
+from ssltrain import ConfigError, SSLPlugin, Section, all_reduce_mean, hookimpl, logits_of
 
 
 def build_meta_net(num_classes: int, hidden: int) -> nn.Module:

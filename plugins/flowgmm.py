@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssltrain import ConfigError, LossTerm, Section, SSLPlugin, hookimpl
-from ssltrain.optim import linear_rampup
+from ssltrain import ConfigError, LossTerm, SSLPlugin, Section, hookimpl, linear_rampup
 
 from .flows import ImageRealNVP, VectorRealNVP, dequantize_logit, inverse_logit
 

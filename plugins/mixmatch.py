@@ -26,9 +26,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import ConfigError, LossTerm, Outputs, PluginContractError, Section, SSLPlugin, hookimpl
-from ssltrain.distributed import all_reduce_mean
-from ssltrain.optim import linear_rampup
+from ssltrain import (ConfigError, LossTerm, Outputs, PluginContractError, SSLPlugin, Section, all_reduce_mean,
+                      hookimpl, linear_rampup)
 
 
 # --- the math: pure functions ------------------------------------------------------------------

@@ -36,8 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import ConfigError, LossTerm, PluginContractError, Section, SSLPlugin, hookimpl
-from ssltrain.optim import sigmoid_rampup
+from ssltrain import ConfigError, LossTerm, PluginContractError, SSLPlugin, Section, hookimpl, sigmoid_rampup
 
 
 # --- the math: pure functions ------------------------------------------------------------------

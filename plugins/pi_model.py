@@ -10,8 +10,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ssltrain import LossTerm, Section, SSLPlugin, hookimpl
-from ssltrain.optim import sigmoid_rampup
+from ssltrain import LossTerm, SSLPlugin, Section, hookimpl, sigmoid_rampup
 
 
 def consistency_mse(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:

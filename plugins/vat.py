@@ -33,8 +33,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import LossTerm, Section, SSLPlugin, hookimpl
-from ssltrain.optim import sigmoid_rampup
+from ssltrain import LossTerm, SSLPlugin, Section, hookimpl, sigmoid_rampup
 
 
 # --- the math: pure functions ------------------------------------------------------------------

@@ -1,14 +1,30 @@
 """ssltrain: a plugin-based semi-supervised learning trainer.
 
-Public API for plugin authors: `hookimpl`, `SSLPlugin`, the data types and the errors.
+This module is the public face for plugin authors: plugins (the built-in ones too) import from
+`ssltrain` and nothing else (`tests/test_public_api.py` enforces it for `plugins/`). Test helpers
+live in `ssltrain.testing` (a pytest plugin).
+
+- hooks: `hookimpl`, `SSLPlugin` (base class), `Section` (config sections)
+- data types: `SSLBatch`, `Outputs`, `LossTerm`, `LossResult`, `StepResult`, `StepContext`, `SSLData`
+- errors: `SSLTrainError` and its subclasses (`ConfigError`, `PluginError`, ...)
+- helpers: ramps (`linear_rampup`, `sigmoid_rampup`), `all_reduce_mean`, `logits_of`, `split_rows`,
+  `frozen_bn`, `EMA`, and `register_schedule` for learning-rate schedules
 """
 from .config import Section
+from .data import SSLData
+from .defaults import logits_of, split_rows
+from .distributed import all_reduce_mean
 from .errors import (CheckpointError, ConfigError, Interrupted, NonFiniteLossError, PluginConflictError,
                      PluginContractError, PluginError, SSLTrainError)
 from .hookspecs import hookimpl
+from .optim import EMA, frozen_bn, linear_rampup, register_schedule, sigmoid_rampup
 from .plugins import SSLPlugin
 from .types import LossResult, LossTerm, Outputs, SSLBatch, StepContext, StepResult
 
-__all__ = ["hookimpl", "SSLPlugin", "Section", "SSLBatch", "Outputs", "LossTerm", "LossResult",
-           "StepResult", "StepContext", "ConfigError", "PluginError", "PluginConflictError",
-           "PluginContractError", "NonFiniteLossError", "CheckpointError", "Interrupted", "SSLTrainError"]
+__version__ = "0.2.0"
+
+__all__ = ["hookimpl", "SSLPlugin", "Section", "SSLBatch", "Outputs", "LossTerm", "LossResult", "StepResult",
+           "StepContext", "SSLData", "ConfigError", "PluginError", "PluginConflictError", "PluginContractError",
+           "NonFiniteLossError", "CheckpointError", "Interrupted", "SSLTrainError", "linear_rampup",
+           "sigmoid_rampup", "all_reduce_mean", "logits_of", "split_rows", "frozen_bn", "EMA",
+           "register_schedule", "__version__"]

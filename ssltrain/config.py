@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -70,12 +70,21 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     decay_bias_and_norm: bool = False  # False: no weight decay on biases and norm layers
-    schedule: Literal["constant", "cosine", "step"] = "constant"
+    schedule: str = "constant"  # a registered schedule: constant, cosine, step, fixmatch_cosine, or a plugin's
     warmup_steps: int = Field(0, ge=0)
     milestones: list[int] = []  # step schedule: multiply lr by gamma at these steps
     gamma: float = Field(0.1, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine: final lr / lr
     grad_clip: float | None = Field(None, gt=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, name: str) -> str:
+        from .optim import SCHEDULES  # optim imports this module
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {name!r}{_suggest(name, SCHEDULES)}; registered: {sorted(SCHEDULES)} "
+                             f"(plugins add schedules with ssltrain.register_schedule)")
+        return name
 
 
 class DistributedConfig(Section):

@@ -8,11 +8,15 @@ and lets only rank 0 write logs and checkpoints. Plugins that keep statistics ac
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,19 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def rank_batch(self, size: int, mode: str) -> int:
+        """Rows this process draws per step for a configured batch size (`train.distributed.batch`)."""
+        if mode == "per_rank":
+            return size
+        if size % self.world:
+            raise ConfigError(f"batch size {size} is not divisible by the {self.world} processes; choose a "
+                              f"multiple of {self.world} or set train.distributed.batch=per_rank")
+        return size // self.world
+
+    def uses_sync_bn(self, sync_bn: bool | None) -> bool:
+        """SyncBatchNorm under torchrun: `train.distributed.sync_bn`, by default on CUDA only."""
+        return self.world > 1 and (sync_bn if sync_bn is not None else self.device.type == "cuda")
+
 
 def setup(device: str) -> Dist:
     """Join the torchrun process group when launched by torchrun, else a single process.
@@ -68,6 +85,24 @@ def setup(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def prepare_model(model: nn.Module, d: Dist, sync_bn: bool | None, channels_last: bool) -> nn.Module:
+    """The model on this process's device and memory format, with SyncBatchNorm where `d.uses_sync_bn`."""
+    if d.uses_sync_bn(sync_bn):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def wrap_ddp(model: nn.Module, d: Dist, sync_bn: bool | None) -> nn.Module:
+    """DistributedDataParallel around `model` under torchrun (buffers broadcast unless SyncBatchNorm), else `model`."""
+    if d.world == 1:
+        return model
+    ddp = nn.parallel.DistributedDataParallel
+    sync_key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"  # renamed in recent PyTorch
+    return ddp(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+               **{sync_key: not d.uses_sync_bn(sync_bn)})
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

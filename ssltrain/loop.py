@@ -24,52 +24,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
-import math
-import random
-import signal
-import statistics
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.func import functional_call
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rng
 from .config import RunConfig
 from .data import Augmenter, BatchStream, build_data
 from .defaults import CoreDefaults
-from .errors import CheckpointError, ConfigError, Interrupted, NonFiniteLossError, PluginContractError
+from .errors import ConfigError, Interrupted
 from .evaluate import evaluate
+from .losses import as_terms, read_means, reduce_term
 from .optim import EMA, build_optimizer, build_scheduler, frozen_bn
 from .plugins import build_manager, discover
+from .signals import StopFlag
+from .summary import write_summary
 from .tblog import NullLogger, RunLogger
-from .types import LossResult, LossTerm, SSLBatch, StepContext
-
-
-def reduce_term(term: LossTerm, weights, batch_u: int) -> torch.Tensor:
-    """weight * mean(w * per_sample), checking the LossTerm contract (no host sync)."""
-    if not isinstance(term, LossTerm) or "/" not in term.name:
-        raise PluginContractError(f"ssl_unlabeled_loss must return LossTerm(name='<plugin>/<term>', ...), got {term!r}")
-    ps = term.per_sample
-    if not ps.is_floating_point():
-        raise PluginContractError(f"loss term {term.name!r}: per_sample must be floating point, got {ps.dtype}")
-    if term.weighted:
-        if ps.dim() == 0 or ps.shape[0] != batch_u:
-            raise PluginContractError(
-                f"loss term {term.name!r}: per_sample has shape {tuple(ps.shape)} but the unlabeled batch has "
-                f"{batch_u} rows; return one loss per unlabeled sample ([B_u] or [B_u, V]) or set weighted=False")
-        if weights is not None:
-            ps = ps * weights.view(-1, *([1] * (ps.dim() - 1)))
-    return term.weight * ps.float().mean()
-
-
-def _as_terms(results) -> list[LossTerm]:
-    return [t for r in results if r is not None for t in (r if isinstance(r, (list, tuple)) else [r])]
+from .types import LossResult, SSLBatch, StepContext
 
 
 class Trainer:
@@ -84,7 +59,7 @@ class Trainer:
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         if tc.cpu_threads:
             torch.set_num_threads(tc.cpu_threads)
-        _seed_everything(config.seed)
+        rng.seed_everything(config.seed)
         self.pm = build_manager(config, classes if classes is not None else discover(), CoreDefaults(config))
         self.hook = self.pm.hook
         self.hook.ssl_configure(config=config, plugins=list(config.plugins))
@@ -92,30 +67,21 @@ class Trainer:
         channels_last = tc.channels_last if tc.channels_last is not None else self.data.kind == "image"
         model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
                                           input_shape=self.data.input_shape)
-        sync_bn = tc.distributed.sync_bn if tc.distributed.sync_bn is not None else self.device.type == "cuda"
-        if self.dist.world > 1 and sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.model = distributed.prepare_model(model, self.dist, tc.distributed.sync_bn, channels_last)
         if self.dist.world > 1:  # the same init on every rank (DDP broadcasts rank 0's), then each rank its own augmentations
             torch.manual_seed(config.seed * 7919 + self.dist.rank)
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, tc.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
-        self.train_model = self.model
-        if self.dist.world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel
-            sync_key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-                else "broadcast_buffers"  # renamed in recent PyTorch
-            self.train_model = ddp(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                   **{sync_key: not sync_bn})
+        self.train_model = distributed.wrap_ddp(self.model, self.dist, tc.distributed.sync_bn)
         if tc.compile:
             self.train_model = torch.compile(self.train_model)
         self.augment = Augmenter(config.data, self.data, channels_last)
         self.uses_unlabeled = any(getattr(impl.plugin, "uses_unlabeled", True)
                                   for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
-        self.batch_l = self._rank_batch(config.data.batch_size)
-        self.batch_u = self._rank_batch(config.data.unlabeled_batch_size) if self.uses_unlabeled else 0
+        self.batch_l = self.dist.rank_batch(config.data.batch_size, tc.distributed.batch)
+        self.batch_u = self.dist.rank_batch(config.data.unlabeled_batch_size, tc.distributed.batch) if self.uses_unlabeled else 0
         world = self.dist.world
         self.labeled = BatchStream(self.data.labeled_idx, self.batch_l * world, config.seed)
         self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
@@ -123,15 +89,6 @@ class Trainer:
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
         self.final_eval: dict[str, float] = {}  # the last evaluation's scalars, plugins' included
         self.seconds = {"wall": 0.0, "train": 0.0}
-
-    def _rank_batch(self, size: int) -> int:
-        """Rows this process draws per step for a configured batch size."""
-        if self.config.train.distributed.batch == "per_rank":
-            return size
-        if size % self.dist.world:
-            raise ConfigError(f"batch size {size} is not divisible by the {self.dist.world} processes; choose a "
-                              f"multiple of {self.dist.world} or set train.distributed.batch=per_rank")
-        return size // self.dist.world
 
     def _rows(self, stream: BatchStream, step: int, size: int) -> torch.Tensor:
         """This rank's disjoint slice of the step's global batch."""
@@ -190,7 +147,7 @@ class Trainer:
             total = sup.float().mean()
             reduced, terms, weights = {"supervised": total}, [], None
             if not labeled_only:
-                terms = _as_terms(hook.ssl_unlabeled_loss(outputs=outputs, batch=b, ctx=ctx, forward=forward))
+                terms = as_terms(hook.ssl_unlabeled_loss(outputs=outputs, batch=b, ctx=ctx, forward=forward))
                 weights = hook.ssl_unlabeled_weights(outputs=outputs, batch=b, ctx=ctx) if terms else None
                 for term in terms:
                     reduced[term.name] = reduce_term(term, weights, b.x_u.shape[0])
@@ -207,7 +164,7 @@ class Trainer:
             logger.text("config", "```\n" + yaml.safe_dump(self.config.to_dict(), sort_keys=False) + "\n```")
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        stop = _StopFlag()
+        stop = StopFlag()
         rows_per_step = (self.batch_l + self.batch_u) * self.dist.world
         t_start = t_log = time.perf_counter()
         steps_since_log, eval_seconds = 0, 0.0
@@ -237,7 +194,7 @@ class Trainer:
                 is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 if is_log or is_eval or is_ckpt:
                     now = time.perf_counter()
-                    values = self._read_losses(sums, first_bad, steps_since_log)
+                    values = read_means(sums, first_bad, steps_since_log, self.dist, self.run_dir / "checkpoints")
                     values["core/lr"] = self.optimizer.param_groups[0]["lr"]
                     values["core/samples_per_second"] = rows_per_step * steps_since_log / max(now - t_log, 1e-9)
                     for extra in hook.ssl_metrics(result=result, ctx=ctx):
@@ -255,21 +212,7 @@ class Trainer:
                 if stopping:
                     raise Interrupted(f"stopped by signal at step {done}; checkpoint written to "
                                       f"{self.run_dir / 'checkpoints' / 'last.pt'}; continue with --resume")
-        return self.write_summary()
-
-    def _read_losses(self, sums, first_bad, count) -> dict[str, float]:
-        """Mean of each loss term since the last read: one host sync. Raises on a non-finite loss."""
-        names = list(sums)
-        stacked = self.dist.sum_(torch.stack([sums[n].float() / self.dist.world for n in names] + [first_bad.float()]))
-        values = stacked.tolist()
-        if values[-1] >= 0:
-            bad = [n for n, v in zip(names, values) if n != "total" and not math.isfinite(v)] or ["total"]
-            where = ", ".join(f"{n!r}" + (f" (plugin {n.split('/')[0]!r})" if "/" in n else "") for n in bad)
-            raise NonFiniteLossError(
-                f"loss term {where} became non-finite at step {int(values[-1])}; the run stopped and the last good "
-                f"checkpoint in {self.run_dir / 'checkpoints'} is intact (lower the learning rate or the term's weight, "
-                f"or use train.amp=none)")
-        return {(f"loss/{n}" if n in ("total", "supervised") else n): v / count for n, v in zip(names, values)}
+        return write_summary(self)
 
     def evaluate(self, step: int, logger: RunLogger | None = None) -> dict:
         """Test metrics of the EMA model (when EMA is on) through `ssl_predict`."""
@@ -295,12 +238,7 @@ class Trainer:
     def state_dict(self) -> dict:
         plugin_state: dict = {}
         self.hook.ssl_state_dict(state=plugin_state)
-        return {"step": self.step, "config": self.config.to_dict(), "model": self.model.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema is not None else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "plugins": plugin_state, "history": self.history,
-                "final_eval": self.final_eval,
-                "seconds": dict(self.seconds), "rng": self.dist.gather(_rng_state())}
+        return checkpoint.trainer_state(self, plugin_state)
 
     def save_checkpoint(self, wall: float, eval_seconds: float) -> None:
         self.seconds["wall"] += wall
@@ -313,39 +251,10 @@ class Trainer:
         self.dist.barrier()
 
     def load_state_dict(self, state: dict, weights_only: bool = False) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(state["ema"] if state["ema"] is not None else state["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint does not fit this model: {exc}") from None
-        if weights_only:
-            return
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.hook.ssl_load_state_dict(state=state["plugins"])
-        self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
-        self.final_eval = state.get("final_eval", {})  # absent in checkpoints written before final_eval existed
-        if len(state["rng"]) == self.dist.world:  # exact continuation
-            _set_rng_state(state["rng"][self.dist.rank])
-        else:  # resumed with another number of processes: a fresh, deterministic stream per rank
-            torch.manual_seed(self.config.seed * 7919 + self.step * 131 + self.dist.rank)
-
-    def write_summary(self) -> dict:
-        tops = [t for _, t in self.history]
-        summary = {"test_top1": tops[-1], "best_test_top1": max(tops),
-                   "median_last_test_top1": statistics.median(tops[-self.config.train.median_last:]),
-                   "median_last_n": len(tops[-self.config.train.median_last:]),
-                   "evaluated_model": "ema" if self.ema is not None else "online",
-                   "steps": self.step, "wall_seconds": self.seconds["wall"],
-                   "train_samples_per_second": self.step * (self.batch_l + self.batch_u) * self.dist.world
-                   / max(self.seconds["train"], 1e-9),
-                   "plugins": list(self.config.plugins), "num_labeled": len(self.data.labeled_idx),
-                   "processes": self.dist.world, "final_eval": self.final_eval}
-        if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        checkpoint.restore_weights(self, state)
+        if not weights_only:
+            checkpoint.restore_training(self, state)
+            self.hook.ssl_load_state_dict(state=state["plugins"])
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes: dict[str, type] | None = None) -> dict:
@@ -354,10 +263,10 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
     trainer = Trainer(config, run_dir, classes)
     if resume:
         state = checkpoint.load(checkpoint.find(run_dir))
-        _check_same_run(state["config"], config.to_dict())
+        checkpoint.check_same_run(state["config"], config.to_dict())
         trainer.load_state_dict(state)
         if trainer.step >= config.train.steps:
-            return trainer.write_summary()
+            return write_summary(trainer)
     elif (run_dir / "checkpoints" / "last.pt").exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
     if trainer.dist.is_main:
@@ -368,50 +277,3 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
         (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
     trainer.dist.barrier()
     return trainer.fit()
-
-
-def _check_same_run(saved: dict, current: dict) -> None:
-    """Resuming is allowed with other `train.*` settings (e.g. more steps), nothing else."""
-    diff = sorted(k for k in set(saved) | set(current) if k != "train" and saved.get(k) != current.get(k))
-    if diff:
-        raise ConfigError(f"--resume with a different config: sections {diff} differ from the checkpoint's; "
-                          f"resume with the run's own config.yaml, or start a new run with another --out")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _StopFlag:
-    """Within the `with` block, SIGINT/SIGTERM set `requested` instead of killing the run."""
-
-    requested = False
-
-    def __enter__(self):
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,16 +30,52 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return cls(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **fused)
 
 
+#: Learning-rate schedules by name: fn(step, total, cfg) -> multiplier of the base lr, where `step`
+#: counts from the end of the warm-up and `total` is the number of steps after it.
+SCHEDULES: dict[str, Callable[[int, int, OptimConfig], float]] = {}
+
+
+def register_schedule(name: str):
+    """Decorator that adds a learning-rate schedule `fn(step, total, cfg) -> float` under `name`,
+    selectable as `optim.schedule: name` (the core applies `optim.warmup_steps` before it). Register at
+    import time of the plugin module, so the name is known when configs are validated."""
+    def add(fn):
+        SCHEDULES[name] = fn
+        return fn
+    return add
+
+
+@register_schedule("constant")
+def _constant(step: int, total: int, cfg: OptimConfig) -> float:
+    """1 throughout."""
+    return 1.0
+
+
+@register_schedule("cosine")
+def _cosine(step: int, total: int, cfg: OptimConfig) -> float:
+    """Half a cosine from 1 down to `min_lr_ratio` at the last step (SGDR without restarts)."""
+    t = min(step / max(1, total), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@register_schedule("step")
+def _step(step: int, total: int, cfg: OptimConfig) -> float:
+    """`gamma` ** (number of `milestones` passed); milestones count from step 0, warm-up included."""
+    return cfg.gamma ** sum(step + cfg.warmup_steps >= m for m in cfg.milestones)
+
+
+@register_schedule("fixmatch_cosine")
+def _fixmatch_cosine(step: int, total: int, cfg: OptimConfig) -> float:
+    """cos(7 pi k / (16 K)): FixMatch's decay, from 1 to cos(7 pi / 16) = 0.195 at the last step
+    (google-research/fixmatch fixmatch.py:95-98; USB semilearn/core/utils/build.py get_cosine_schedule_with_warmup)."""
+    return math.cos(7 * math.pi * min(step / max(1, total), 1.0) / 16)
+
+
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base lr at `step`: linear warmup, then constant, cosine or step decay."""
+    """Multiplier of the base lr at `step`: linear warm-up over `warmup_steps`, then the named schedule."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    if cfg.schedule == "step":
-        return cfg.gamma ** sum(step >= m for m in cfg.milestones)
-    return 1.0
+    return SCHEDULES[cfg.schedule](step - cfg.warmup_steps, total - cfg.warmup_steps, cfg)
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):

@@ -25,7 +25,8 @@ import torch
 
 from ssltrain import checkpoint
 from ssltrain.cli import load_config
-from ssltrain.loop import Trainer, reduce_term
+from ssltrain.loop import Trainer
+from ssltrain.losses import reduce_term
 from ssltrain.plugins import discover, hooks_of
 from ssltrain_plugins.ds3l import auroc, sample_weights
 
