@@ -10,12 +10,15 @@ Two modes, chosen per step from the batch, with no code specific to any other pl
   probability in the main forward (`outputs.logits_u`) is below T; the probabilities of the loss come
   from a second forward of a fresh weak view of the row (the official code re-augments), drawn in
   `ssl_modify_batch` and run with `update_bn=False` (batch statistics, running statistics untouched).
-- Composed with a label-guessing plugin that sets soft targets `batch.y_u` (e.g. MixMatch): as the
+- Composed with a label-guessing plugin that sets soft targets, before the forward in `batch.y_u` (e.g.
+  MixMatch) or from its own forward in `outputs.y_u` (e.g. FixMatch: the weak view's probabilities): as the
   paper's MixMatch + NS3L (section 4.3-4.4), the loss runs on every row the guesser's losses use,
   unlabeled and labeled (`batch.y_l`, soft or int), the negatives of a row are the classes whose
   target is below T, and the probabilities are those of the same forward (`outputs.logits_u`,
-  `outputs.logits_l`): no extra forward. List `ns3l` after the guesser in `plugins:` (otherwise
-  it draws an unused view each step).
+  `outputs.logits_l`; FixMatch's strong view): no extra forward. List `ns3l` after the guesser in
+  `plugins:` (otherwise it draws an unused view each step). A guesser that guesses from the forward is
+  known only after it, so NS3L draws its alone-mode view anyway (unused: one weak augmentation of the
+  unlabeled rows per step).
 
 Batch averaging: the official loss is averaged over the whole batch (labeled and unlabeled rows, the
 labeled rows masked to zero), so with 50/50 batches each unlabeled row has the effective weight 0.5.
@@ -100,8 +103,9 @@ class NS3L(SSLPlugin):
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):
         n_l, n_u = outputs.logits_l.shape[0], outputs.logits_u.shape[0]
         scale = self.config.weight * sigmoid_rampup(ctx.step, self.config.rampup_steps) / (n_l + n_u)
-        if batch.y_u is not None:  # composed: targets of a label guesser, probabilities of the same forward
-            neg_u = negative_mask(batch.y_u, self.threshold)
+        targets = batch.y_u if batch.y_u is not None else outputs.y_u
+        if targets is not None:  # composed: targets of a label guesser, probabilities of the same forward
+            neg_u = negative_mask(targets, self.threshold)
             loss_u = ns_loss(outputs.logits_u, neg_u)
             y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
             terms = [LossTerm("ns3l/unlabeled", loss_u, weight=scale * n_u),

@@ -40,9 +40,12 @@ def ssl_configure(config, plugins):
 
 
 @hookspec(firstresult=True)
-def ssl_build_model(config, num_classes, input_shape):
+def ssl_build_model(config, num_classes, input_shape, data):
     """Build the model. One owner; the core default builds `config.model` as a backbone.
 
+    data: the run's `SSLData` (already built: e.g. `data.kind`, `len(data.unlabeled_idx)`), for
+    plugins that size state by the dataset; wrappers use this hook as their startup check once the
+    data is known (e.g. the number of classes C).
     Returns an `nn.Module` whose forward returns logits [N, C] or a dict with "logits" and
     other per-row tensors. Wrappers receive the built model (`model = yield`) and may return
     a changed one (e.g. a wider head).
@@ -67,6 +70,7 @@ def ssl_forward(model, batch, ctx, forward):
     forward(x, update_bn=True): the model call to use (functional during a virtual step);
     it returns a dict with "logits" and any other per-row outputs.
     Core default: one forward over cat(x_l, x_u), split back into labeled and unlabeled rows.
+    A label guesser that guesses from this forward (FixMatch's weak view) sets `Outputs.y_u`.
     """
 
 

@@ -1,7 +1,7 @@
 """The training loop. Every hook call site of ssltrain is in this file.
 
     ssl_configure(config, plugins)                              # once: validate the combination
-    model = ssl_build_model(config, num_classes, input_shape)   # one owner; wrappers may edit
+    model = ssl_build_model(config, num_classes, input_shape, data)  # one owner; wrappers may edit
     for step in range(start, steps):
         batch = draw(step)                                      # device tensors, default views
         ssl_modify_batch(batch, ctx)                            # plugins, in `plugins:` order
@@ -66,7 +66,7 @@ class Trainer:
         self.data = build_data(config, self.device)
         channels_last = tc.channels_last if tc.channels_last is not None else self.data.kind == "image"
         model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
-                                          input_shape=self.data.input_shape)
+                                          input_shape=self.data.input_shape, data=self.data)
         self.model = distributed.prepare_model(model, self.dist, tc.distributed.sync_bn, channels_last)
         if self.dist.world > 1:  # the same init on every rank (DDP broadcasts rank 0's), then each rank its own augmentations
             torch.manual_seed(config.seed * 7919 + self.dist.rank)

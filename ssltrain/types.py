@@ -22,7 +22,8 @@ class SSLBatch:
         may replace them (e.g. K mixed views -> K * B_u rows); y_u, y_u_hidden and idx_u then stay
         row-aligned with x_u. Weighted unlabeled loss terms have one loss per row of x_u.
     y_u: soft targets [B_u, C] for the unlabeled rows, set by a label-guessing plugin (e.g.
-        MixMatch's sharpened, mixed guesses); None when no plugin guesses labels.
+        MixMatch's sharpened, mixed guesses); None when no plugin guesses labels before the forward
+        (a guesser that guesses from the forward itself sets `Outputs.y_u` instead).
     raw_l, raw_u: the drawn samples before augmentation (images in [0, 1], not normalised);
         plugins draw further views with `ctx.augment(raw_u, "weak")`.
     y_u_hidden: true labels of the unlabeled rows (-1 for classes outside the label space).
@@ -49,12 +50,17 @@ class Outputs:
 
     `extras_l`/`extras_u` hold any other per-row tensors the model returns
     (a model may return a dict with "logits" plus e.g. "z", "logdet").
+    `y_u`: soft targets [B_u, C] for the rows of x_u guessed from this forward's own predictions
+    (detached class distributions), set by a label guesser that owns the forward (e.g. FixMatch: the
+    weak view's class probabilities, whose argmax is its hard pseudo-label); None otherwise. A plugin
+    that uses a guesser's targets reads `batch.y_u` (guessed before the forward) or else `outputs.y_u`.
     """
 
     logits_l: Tensor
     logits_u: Tensor
     extras_l: dict[str, Tensor] = field(default_factory=dict)
     extras_u: dict[str, Tensor] = field(default_factory=dict)
+    y_u: Tensor | None = None
 
 
 @dataclass
