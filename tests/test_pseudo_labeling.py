@@ -9,16 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SMALL_IMAGES as IMAGES
 from conftest import make_config
 from ssltrain import ConfigError, SSLBatch
 from ssltrain.loop import Trainer
 from ssltrain_plugins.pseudo_labeling import (WEAK, WEAK_LOGITS, add_strong_view, class_counts, confidence_mask,
                                               diagnostics, forward_weak_strong, learning_effect, pseudo_label_loss,
                                               select_confident)
-
-IMAGES = ("data.name=synthetic", "data.options={n_train: 64, n_test: 8, shape: [1, 8, 8], num_classes: 4}",
-          "model.name=small_cnn", "model.options={width: 4}")
-
 
 def toy_batch(n_l=3, n_u=5, d=4):
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,82 @@
+"""Every plugin of the pseudo-labeling family: exact resume (state included), the compositions with NS3L and DS3L,
+and the diagnostics they log."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import make_config
+from ssltrain import Interrupted, SSLPlugin, checkpoint, hookimpl
+from ssltrain.loop import train
+from ssltrain.plugins import discover
+
+FAMILY = {  # plugin: settings that make its state move on the tiny two-moons run
+    "fixmatch": ["fixmatch.threshold=0.6"],
+    "flexmatch": ["flexmatch.threshold=0.6"],
+    "freematch": ["freematch.momentum=0.9"],
+    "softmatch": ["softmatch.momentum=0.9"],
+    "uda": ["uda.threshold=0.6", "uda.tsa=linear"],
+    "pseudo_label": ["pseudo_label.threshold=0.6", "pseudo_label.warmup=0.2"],
+}
+
+
+class StopAt(SSLPlugin):
+    """Sends SIGTERM after step `at` while armed: the run checkpoints there and stops (an interruption)."""
+
+    armed, at = False, 4
+
+    @hookimpl
+    def ssl_step_end(self, ctx):
+        if StopAt.armed and ctx.step == StopAt.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("plugin", sorted(FAMILY))
+def test_an_interrupted_run_continues_bit_identically_state_included(tmp_path, plugin):
+    classes = {**discover(), "stop": StopAt}
+    config = make_config("train.steps=10", "train.eval_every=5", *FAMILY[plugin], classes={"stop": StopAt},
+                         plugins=[plugin, "stop"])
+    train(config, tmp_path / "straight", classes=classes)
+    StopAt.armed = True
+    try:
+        with pytest.raises(Interrupted, match="step 5"):
+            train(config, tmp_path / "resumed", classes=classes)
+    finally:
+        StopAt.armed = False
+    train(config, tmp_path / "resumed", resume=True, classes=classes)
+    a, b = (checkpoint.load(tmp_path / r / "checkpoints" / "last.pt") for r in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 10
+    torch.testing.assert_close(a["model"], b["model"], rtol=0, atol=0)
+    torch.testing.assert_close(a["ema"], b["ema"], rtol=0, atol=0)
+    torch.testing.assert_close(a["plugins"], b["plugins"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("plugin", ["flexmatch", "freematch", "softmatch"])
+def test_the_state_moves_during_training(tmp_path, plugin):
+    train(make_config("train.steps=6", "train.eval_every=3", *FAMILY[plugin], plugins=[plugin]), tmp_path / "a")
+    saved = [checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")["plugins"][plugin]]
+    train(make_config("train.steps=3", "train.eval_every=3", *FAMILY[plugin], plugins=[plugin]), tmp_path / "b")
+    saved.append(checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")["plugins"][plugin])
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+@pytest.mark.parametrize("plugins", [["fixmatch", "ns3l"], ["fixmatch", "ds3l"], ["flexmatch", "ds3l"],
+                                     ["freematch", "ns3l", "ds3l"], ["softmatch", "ns3l"], ["uda", "ds3l"],
+                                     ["pseudo_label", "ns3l"]])
+def test_compositions_train_with_finite_losses_and_diagnostics(tmp_path, plugins):
+    config = make_config("train.steps=6", "train.log_every=2", "ns3l.threshold=0.45", *FAMILY[plugins[0]],
+                         plugins=plugins)
+    summary = train(config, tmp_path / "run")
+    assert math.isfinite(summary["test_top1"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in [f"{plugins[0]}/mask_rate", f"{plugins[0]}/pseudo_acc_all", f"{plugins[0]}/unlabeled",
+                *(["ns3l/unlabeled"] if "ns3l" in plugins else []), *(["ds3l/meta_loss"] if "ds3l" in plugins else [])]:
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in events.Scalars(tag)), tag
