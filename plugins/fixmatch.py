@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ssltrain import LossTerm, Section, hookimpl
+from ssltrain import hookimpl
 
-from ssltrain_plugins.pseudo_labeling import (WeakStrongPlugin, confidence_mask, diagnostics, guessed_probs,
-                                              guessers_except, hard_or_soft_targets, pseudo_label_loss, WEAK_LOGITS)
+from ssltrain_plugins.pseudo_labeling import PseudoLabelConfig, WeakStrongPlugin, confidence_mask, guessed_probs, guessers_except
 
 
 class FixMatch(WeakStrongPlugin):
@@ -36,18 +35,9 @@ class FixMatch(WeakStrongPlugin):
 
     incompatible = guessers_except("fixmatch")
 
-    class Config(Section):
+    class Config(PseudoLabelConfig):
         threshold: float = Field(0.95, gt=0, le=1)  # tau: confidence of the weak view's argmax to keep a row
-        lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term (official `wu`)
-        hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T) soft targets
-        T: float = Field(0.5, gt=0)  # temperature of the soft targets (used only with hard_label: false)
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):
-        cfg = self.config
-        probs = guessed_probs(outputs)
-        mask = confidence_mask(probs, cfg.threshold)
-        targets = hard_or_soft_targets(outputs.extras_u[WEAK_LOGITS], cfg.hard_label, cfg.T)
-        if ctx.is_log_step:
-            self.diagnostics = diagnostics(self.name, probs, mask, batch.y_u_hidden)
-        return LossTerm("fixmatch/unlabeled", pseudo_label_loss(outputs.logits_u, targets, mask), weight=cfg.lambda_u)
+        return self.masked_term(outputs, batch, ctx, confidence_mask(guessed_probs(outputs), self.config.threshold))

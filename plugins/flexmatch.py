@@ -35,15 +35,23 @@ default there) is not offered.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import LossTerm, Section, hookimpl
+from ssltrain import hookimpl
 
-from ssltrain_plugins.pseudo_labeling import (WEAK_LOGITS, WeakStrongPlugin, confidence_mask, diagnostics,
-                                              guessed_probs, guessers_except, hard_or_soft_targets, learning_effect,
-                                              pseudo_label_loss, select_confident)
+from ssltrain_plugins.pseudo_labeling import (PseudoLabelConfig, WeakStrongPlugin, confidence_mask, guessed_probs,
+                                              guessers_except, learning_effect, select_confident)
+
+
+class Status(NamedTuple):
+    """selected [N]: the latest confident class of each dataset row (-1: none); learning_effect [C]: beta."""
+
+    selected: Tensor
+    learning_effect: Tensor
 
 
 def flexible_thresholds(beta: Tensor, tau: float) -> Tensor:
@@ -56,52 +64,33 @@ class FlexMatch(WeakStrongPlugin):
 
     incompatible = guessers_except("flexmatch")
 
-    class Config(Section):
+    class Config(PseudoLabelConfig):
         threshold: float = Field(0.95, gt=0, le=1)  # tau: the fixed threshold that selects and that T_c rises to
-        lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term
         threshold_warmup: bool = True  # count never-selected samples in beta's denominator (official default)
-        hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T)
-        T: float = Field(0.5, gt=0)  # temperature of soft targets (hard_label: false only)
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.selected: Tensor | None = None  # [N] latest confident class of each dataset row, -1 none
-        self.beta: Tensor | None = None  # [C] normalised learning effect
         self.num_unlabeled = 0
 
     def setup(self, data, device):
-        self.selected = torch.full((len(data.train_x),), -1, dtype=torch.long, device=device)
-        self.beta = torch.zeros(data.num_classes, device=device)
+        self.status = Status(torch.full((len(data.train_x),), -1, dtype=torch.long, device=device),
+                             torch.zeros(data.num_classes, device=device))
         self.num_unlabeled = len(data.unlabeled_idx)
 
     def thresholds(self) -> Tensor:
         """The current per-class thresholds T_c [C]."""
-        return flexible_thresholds(self.beta, self.config.threshold)
+        return flexible_thresholds(self.status.learning_effect, self.config.threshold)
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):
-        cfg = self.config
         probs = guessed_probs(outputs)
         thresholds = self.thresholds()
-        mask = confidence_mask(probs, thresholds[probs.argmax(-1)])
-        targets = hard_or_soft_targets(outputs.extras_u[WEAK_LOGITS], cfg.hard_label, cfg.T)
-        if ctx.is_log_step:
-            self.diagnostics = diagnostics(self.name, probs, mask, batch.y_u_hidden, thresholds)
-        return LossTerm("flexmatch/unlabeled", pseudo_label_loss(outputs.logits_u, targets, mask), weight=cfg.lambda_u)
+        return self.masked_term(outputs, batch, ctx, confidence_mask(probs, thresholds[probs.argmax(-1)]), thresholds)
 
     @hookimpl
     def ssl_step_end(self, result, batch):
-        probs = guessed_probs(result.loss.outputs)
-        self.selected = select_confident(self.selected, batch.idx_u, probs, self.config.threshold)
-        self.beta = learning_effect(self.selected, self.num_unlabeled, self.beta.numel(),
-                                    self.config.threshold_warmup, self.beta)
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        state[self.name] = {"selected": self.selected, "learning_effect": self.beta}
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        saved = state[self.name]
-        self.selected = saved["selected"].to(self.selected.device)
-        self.beta = saved["learning_effect"].to(self.beta.device)
+        cfg = self.config
+        selected = select_confident(self.status.selected, batch.idx_u, guessed_probs(result.loss.outputs), cfg.threshold)
+        beta = self.status.learning_effect
+        self.status = Status(selected, learning_effect(selected, self.num_unlabeled, beta.numel(),
+                                                       cfg.threshold_warmup, beta))

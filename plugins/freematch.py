@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import LossTerm, Section, all_reduce_mean, hookimpl
+from ssltrain import LossTerm, all_reduce_mean, hookimpl
 
-from ssltrain_plugins.pseudo_labeling import (WEAK_LOGITS, WeakStrongPlugin, confidence_mask, diagnostics, ema,
-                                              guessed_probs, guessers_except, hard_or_soft_targets, pseudo_label_loss)
+from ssltrain_plugins.pseudo_labeling import (PseudoLabelConfig, WeakStrongPlugin, confidence_mask, ema, guessed_probs,
+                                              guessers_except)
 
 
 class Status(NamedTuple):
@@ -100,44 +100,23 @@ class FreeMatch(WeakStrongPlugin):
 
     incompatible = guessers_except("freematch")
 
-    class Config(Section):
-        lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term
+    class Config(PseudoLabelConfig):
         lambda_f: float = Field(0.001, ge=0)  # weight of the fairness term (official `ent_loss_ratio` in the configs)
         momentum: float = Field(0.999, gt=0, lt=1)  # EMA momentum of the statistics (official `ema_p`)
-        hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T)
-        T: float = Field(0.5, gt=0)  # temperature of soft targets (hard_label: false only)
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.status: Status | None = None
 
     def setup(self, data, device):
         self.status = initial_status(data.num_classes, device)
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):
-        cfg = self.config
         probs = guessed_probs(outputs)
-        status = update_status(self.status, probs, cfg.momentum)  # with this batch, as the official mask
+        status = update_status(self.status, probs, self.config.momentum)  # with this batch, as the official mask
         thresholds = self_adaptive_thresholds(status)
         mask = confidence_mask(probs, thresholds[probs.argmax(-1)])
-        targets = hard_or_soft_targets(outputs.extras_u[WEAK_LOGITS], cfg.hard_label, cfg.T)
-        if ctx.is_log_step:
-            self.diagnostics = {**diagnostics(self.name, probs, mask, batch.y_u_hidden, thresholds),
-                                "freematch/global_threshold": status.tau}
         fairness = fairness_loss(outputs.logits_u, mask, status)
-        return [LossTerm("freematch/unlabeled", pseudo_label_loss(outputs.logits_u, targets, mask), weight=cfg.lambda_u),
-                LossTerm("freematch/fairness", fairness.view(1), weight=cfg.lambda_f, weighted=False)]
+        return [self.masked_term(outputs, batch, ctx, mask, thresholds, global_threshold=status.tau),
+                LossTerm("freematch/fairness", fairness.view(1), weight=self.config.lambda_f, weighted=False)]
 
     @hookimpl
     def ssl_step_end(self, result):
         self.status = update_status(self.status, guessed_probs(result.loss.outputs), self.config.momentum)
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        state[self.name] = self.status._asdict()
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        device = self.status.tau.device
-        self.status = Status(**{k: v.to(device) for k, v in state[self.name].items()})

@@ -20,8 +20,11 @@ with the labeled rows, cat(x_l, u_weak, u_strong), in train mode, and are split 
   in `outputs.extras_u[WEAK_LOGITS]` (the pseudo-label carries no gradient, F:113). With no unlabeled rows (a
   labeled-only closure, e.g. DS3L's meta loss) it forwards x_l alone. The weak view may have another row count
   than x_u (e.g. K strong views per sample): rows are split by the weak view's length.
-- `check_strong_view(config, data, plugin)`: ConfigError at startup when the strong view would equal the weak
-  one (vectors: `data.augment.strong_noise_std` 0; images: no RandAugment op and no cutout).
+- `check_strong_view(config, data, plugin)`: ConfigError at startup, naming the key, its value and the fix, when
+  the strong view would be no stronger than the weak one (vectors: `data.augment.strong_noise_std` not above
+  `data.augment.noise_std`; images: `num_ops` 0 and `cutout` 0). The family's base calls it.
+- `guessers_except(name)`: `SSLPlugin.incompatible` for a label guesser (every other name in `LABEL_GUESSERS`),
+  so that two guessers stop at startup naming both and why.
 
 Targets, thresholds, masks (pure functions; nothing here carries a gradient into a target or a mask):
 
@@ -39,7 +42,7 @@ Per-class learning status:
 - `learning_effect(selected, num_unlabeled, num_classes, warmup, previous)`: FlexMatch's normalised learning
   effect beta_c (X:24-35) from `selected` [N] (the latest confident class of each dataset row, -1 none).
 - `select_confident(selected, idx, probs, threshold)`: `selected` with the rows of `idx` whose max probability is
-  >= threshold set to their argmax (X:55-61), no host sync.
+  >= threshold set to their argmax (X:55-61), no host sync; `class_counts(selected, C)`: sigma_c.
 - `ema(old, new, momentum)`: momentum * old + (1 - momentum) * new (FreeMatch's and SoftMatch's running class
   statistics).
 
@@ -52,9 +55,10 @@ Diagnostics (read at log steps, diagnostics only):
   "<prefix>/threshold_min|mean|max" (+ "<prefix>/threshold_c<k>" for C <= 10) when given.
 
 The plugin base `WeakStrongPlugin`: views in `ssl_modify_batch`, the forward, the startup check of the strong
-view, `outputs.y_u` (the soft targets for other plugins: NS3L's negatives), and the metrics. A subclass sets
-`Config`, implements `ssl_unlabeled_loss`, and may override `soft_targets` (default: the weak view's
-probabilities) and `setup(data, device)` (state sized by the data).
+view, `outputs.y_u` (the soft targets for other plugins: NS3L's negatives), the metrics, and the checkpointing of
+`self.status` (a NamedTuple of tensors). A subclass sets `Config` (a `PseudoLabelConfig` for `masked_term`),
+implements `ssl_unlabeled_loss` (usually `return self.masked_term(outputs, batch, ctx, mask)`), and may override
+`soft_targets` (default: the weak view's probabilities) and `setup(data, device)` (builds `self.status`).
 
 Deviations: the official FixMatch interleaves the batch over GPUs (F:99-101: utils.interleave is for multi-GPU
 batch norm); here one process forwards the whole batch, as USB with use_cat. Under torchrun each process
@@ -62,11 +66,14 @@ forwards its own rows (batch norm statistics per process unless train.distribute
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-from ssltrain import ConfigError, Outputs, SSLPlugin, hookimpl
+from ssltrain import ConfigError, LossTerm, Outputs, Section, SSLPlugin, hookimpl
 
 WEAK = "pseudo_labeling/weak"  # batch.extras key: the weak view of the unlabeled rows
 WEAK_LOGITS = "pseudo_labeling/weak_logits"  # outputs.extras_u key: its logits, detached, float32
@@ -207,19 +214,42 @@ def guessers_except(name: str) -> dict[str, str]:
                    "(two label guessers)" for other in LABEL_GUESSERS if other != name}
 
 
+class PseudoLabelConfig(Section):
+    """Settings every hard/soft pseudo-label plugin of the family shares (subclass it for a plugin's Config)."""
+
+    lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term (official `lambda_u` / `wu`)
+    hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T) soft targets
+    T: float = Field(0.5, gt=0)  # temperature of the soft targets (hard_label: false only)
+
+
 class WeakStrongPlugin(SSLPlugin):
-    """Base of the weak/strong pseudo-labeling plugins (module docstring). Owns `ssl_forward`."""
+    """Base of the weak/strong pseudo-labeling plugins (module docstring). Owns `ssl_forward`.
+
+    State: a subclass keeps its running state in `self.status`, a NamedTuple of tensors (None: stateless), built
+    in `setup`; the base checkpoints and restores it."""
 
     def __init__(self, config=None):
         super().__init__(config)
         self.diagnostics: dict[str, Tensor] = {}
+        self.status: NamedTuple | None = None
 
     def setup(self, data, device: torch.device) -> None:
-        """Build state sized by the data (called once at startup). Default: none."""
+        """Build state sized by the data (called once at startup, before any resume). Default: none."""
 
     def soft_targets(self, outputs: Outputs) -> Tensor:
         """The soft targets exposed as `outputs.y_u` (default: the weak view's class probabilities)."""
         return guessed_probs(outputs)
+
+    def masked_term(self, outputs: Outputs, batch, ctx, mask: Tensor, thresholds: Tensor | None = None,
+                    **logged: Tensor) -> LossTerm:
+        """"<name>/unlabeled": mask * CE(strong logits, pseudo-label of the weak view) per row, weight lambda_u
+        (needs a `PseudoLabelConfig`); at log steps it also records the diagnostics (plus `logged`)."""
+        cfg = self.config
+        targets = hard_or_soft_targets(outputs.extras_u[WEAK_LOGITS], cfg.hard_label, cfg.T)
+        if ctx.is_log_step:
+            self.diagnostics = {**diagnostics(self.name, guessed_probs(outputs), mask, batch.y_u_hidden, thresholds),
+                                **{f"{self.name}/{k}": v for k, v in logged.items()}}
+        return LossTerm(f"{self.name}/unlabeled", pseudo_label_loss(outputs.logits_u, targets, mask), weight=cfg.lambda_u)
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, config, data):
@@ -241,3 +271,14 @@ class WeakStrongPlugin(SSLPlugin):
     @hookimpl
     def ssl_metrics(self):
         return self.diagnostics
+
+    @hookimpl
+    def ssl_state_dict(self, state):
+        if self.status is not None:
+            state[self.name] = self.status._asdict()
+
+    @hookimpl
+    def ssl_load_state_dict(self, state):
+        if self.status is not None:
+            device = self.status[0].device
+            self.status = type(self.status)(**{k: v.to(device) for k, v in state[self.name].items()})

@@ -36,10 +36,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssltrain import LossTerm, Section, all_reduce_mean, hookimpl
+from ssltrain import all_reduce_mean, hookimpl
 
-from ssltrain_plugins.pseudo_labeling import (WEAK_LOGITS, WeakStrongPlugin, diagnostics, ema, guessed_probs,
-                                              guessers_except, hard_or_soft_targets, pseudo_label_loss)
+from ssltrain_plugins.pseudo_labeling import PseudoLabelConfig, WeakStrongPlugin, ema, guessed_probs, guessers_except
 
 
 class Status(NamedTuple):
@@ -82,17 +81,10 @@ class SoftMatch(WeakStrongPlugin):
 
     incompatible = guessers_except("softmatch")
 
-    class Config(Section):
-        lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term
+    class Config(PseudoLabelConfig):
         n_sigma: float = Field(2.0, gt=0)  # the Gaussian's std is sqrt(var) / n_sigma
         momentum: float = Field(0.999, gt=0, lt=1)  # EMA momentum of p_model, mu and var (official `ema_p`)
         distribution_alignment: bool = True  # uniform alignment of the confidences (official)
-        hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T)
-        T: float = Field(0.5, gt=0)  # temperature of soft targets (hard_label: false only)
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.status: Status | None = None
 
     def setup(self, data, device):
         self.status = initial_status(data.num_classes, device)
@@ -103,24 +95,10 @@ class SoftMatch(WeakStrongPlugin):
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):
-        cfg = self.config
         status, confidence = self._updated(outputs)  # with this batch, as the official weights
-        weights = truncated_gaussian(confidence, status.mu, status.var, cfg.n_sigma)
-        targets = hard_or_soft_targets(outputs.extras_u[WEAK_LOGITS], cfg.hard_label, cfg.T)
-        if ctx.is_log_step:
-            self.diagnostics = {**diagnostics(self.name, guessed_probs(outputs), weights, batch.y_u_hidden),
-                                "softmatch/mu": status.mu, "softmatch/std": status.var.sqrt()}
-        return LossTerm("softmatch/unlabeled", pseudo_label_loss(outputs.logits_u, targets, weights), weight=cfg.lambda_u)
+        weights = truncated_gaussian(confidence, status.mu, status.var, self.config.n_sigma)
+        return self.masked_term(outputs, batch, ctx, weights, mu=status.mu, std=status.var.sqrt())
 
     @hookimpl
     def ssl_step_end(self, result):
         self.status = self._updated(result.loss.outputs)[0]
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        state[self.name] = self.status._asdict()
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        device = self.status.mu.device
-        self.status = Status(**{k: v.to(device) for k, v in state[self.name].items()})

@@ -53,17 +53,18 @@ def test_mask_loss_and_selection_match_the_official_code():
     config = make_config(*IMAGES, "flexmatch.threshold=0.37", "flexmatch.lambda_u=1.3", plugins=["flexmatch"])
     trainer, batch, ctx, closure = prepared(config)
     plugin = trainer.pm.get_plugin("flexmatch")
-    plugin.beta = torch.tensor([1.0, 0.9, 0.5, 0.2])  # a learning status with different thresholds per class
+    beta = torch.tensor([1.0, 0.9, 0.5, 0.2])  # a learning status with different thresholds per class
+    plugin.status = plugin.status._replace(learning_effect=beta)
     result = closure()
     logits_w, logits_s = result.outputs.extras_u[WEAK_LOGITS], result.outputs.logits_u
-    official, mask, select, max_idx = official_flexmatch_loss(logits_s, logits_w, plugin.beta, 0.37)
+    official, mask, select, max_idx = official_flexmatch_loss(logits_s, logits_w, beta, 0.37)
     assert 0 < mask.mean() < 1
     torch.testing.assert_close(result.reduced["flexmatch/unlabeled"], 1.3 * official)
-    before = plugin.selected.clone()
+    before = plugin.status.selected.clone()
     plugin.ssl_step_end(result=type("R", (), {"loss": result})(), batch=batch)
     expected = before.clone()
     expected[batch.idx_u[select == 1]] = max_idx[select == 1]
-    assert torch.equal(plugin.selected, expected) and (plugin.selected >= 0).sum() == select.sum()
+    assert torch.equal(plugin.status.selected, expected) and (expected >= 0).sum() == select.sum()
 
 
 def test_state_moves_once_per_step_under_ds3l(tmp_path):
