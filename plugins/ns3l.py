@@ -4,7 +4,7 @@ Classes that a reference distribution gives less than a threshold T are "negativ
 the loss -log(1 - sum of the negatives' probabilities) pushes their probability further down.
 The negative set is computed from detached values (thresholding carries no gradient).
 
-Two modes, chosen per step from the batch, with no code specific to any other plugin:
+Two modes, chosen per step from the batch and the forward's outputs, with no code specific to any other plugin:
 
 - Alone (`batch.y_u` is None): the negatives of an unlabeled row are the classes whose detached
   probability in the main forward (`outputs.logits_u`) is below T; the probabilities of the loss come
