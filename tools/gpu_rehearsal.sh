@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Rehearse the device command on this machine's CPU, in an environment like a GPU node's (README,
+# "Air-gapped GPU nodes"): a few minutes, no GPU, no index needed after step 2.
+#
+#   bash tools/gpu_rehearsal.sh
+#
+# 1. .gpu/rehearsal/venv: a venv of this Python without the system's packages, into which only what a GPU
+#    node brings is linked: PyTorch with everything it needs, pluggy, PyYAML, tensorboard, tqdm, scipy,
+#    pytest, setuptools. No pydantic, no matplotlib.
+# 2. the wheels for this Python (tools/offline_wheels.sh -> .gpu/rehearsal/wheels), and the same without
+#    matplotlib and what only it needs (.gpu/rehearsal/wheels-no-matplotlib);
+# 3. before any install, gpu_check's environment part must name pydantic and matplotlib as missing;
+# 4. with pydantic's wheels only (no matplotlib), `tools/gpu_run.sh --dry-run`: every part must work;
+# 5. with every wheel, `tools/gpu_run.sh --dry-run` again, offline (PIP_NO_INDEX): the device command itself.
+# Reports land in .gpu/rehearsal/out-*; the script stops at the first step that does not hold.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+R=.gpu/rehearsal
+NODE_PACKAGES="torch pluggy pyyaml tensorboard tqdm scipy pytest setuptools wheel"
+PYVER=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+rm -rf "$R"
+mkdir -p "$R"
+
+echo "[rehearsal] 1. $R/venv: Python $PYVER with only $NODE_PACKAGES (and what they need)"
+"$PYTHON" -m venv "$R/venv"
+SITE=$("$R/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$PYTHON" - "$SITE" $NODE_PACKAGES <<'EOF'
+"""Put the distributions of the given names, and everything they require, from this interpreter into SITE:
+the large ones that pip will not touch as links, the others as copies (pip may upgrade those, and an upgrade
+through a link would change this interpreter's own packages)."""
+import importlib.metadata as md, os, shutil, sys
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+site, todo, seen = sys.argv[1], list(sys.argv[2:]), set()
+while todo:
+    name = canonicalize_name(todo.pop())
+    if name in seen:
+        continue
+    seen.add(name)
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue
+    todo += [Requirement(r).name for r in dist.requires or []
+             if not Requirement(r).marker or Requirement(r).marker.evaluate({"extra": ""})]
+    link = name in ("torch", "triton", "scipy", "numpy", "sympy", "networkx") or name.startswith(("nvidia-", "cuda-"))
+    for top in {f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}:
+        source, target = str(dist.locate_file(top)), os.path.join(site, top)
+        if not os.path.exists(source) or os.path.lexists(target):
+            continue
+        if link:
+            os.symlink(os.path.abspath(source), target)
+        elif os.path.isdir(source):
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target)
+print(f"[rehearsal] {len(seen)} distributions: {' '.join(sorted(seen))}")
+EOF
+if "$R/venv/bin/python" -c "import pydantic" 2>/dev/null || "$R/venv/bin/python" -c "import matplotlib" 2>/dev/null; then
+    echo "[rehearsal] the venv must have neither pydantic nor matplotlib" >&2
+    exit 1
+fi
+
+echo "[rehearsal] 2. wheels for Python $PYVER"
+bash tools/offline_wheels.sh "$PYVER" "$R/wheels" 2>&1 | grep -v "^WARNING: Location"
+mkdir -p "$R/wheels-no-matplotlib"
+for name in pydantic pydantic_core annotated_types typing_extensions typing_inspection; do
+    cp "$R/wheels/$name"-[0-9]*.whl "$R/wheels-no-matplotlib/"
+done
+grep -E "^(#|pydantic|annotated-types|typing-)" "$R/wheels/requirements.txt" >"$R/wheels-no-matplotlib/requirements.txt"
+
+echo "[rehearsal] 3. before the install: the environment part names what is missing"
+"$R/venv/bin/python" tools/gpu_check.py --dry-run --parts environment --out "$R/out-bare" >/dev/null || true
+grep -q "package pydantic,MISSING" "$R/out-bare/environment.csv" && grep -q "package matplotlib,MISSING" "$R/out-bare/environment.csv"
+grep "MISSING\|importable" "$R/out-bare/environment.csv"
+
+export PIP_NO_INDEX=1  # from here on, as on the node: no index
+check_report() {
+    local out=$1
+    if grep -q "^| [a-z_]* | failed" "$out/report.md"; then
+        echo "[rehearsal] a part failed in $out/report.md" >&2
+        exit 1
+    fi
+    sed -n '/^| part |/,/^$/p' "$out/report.md"
+}
+echo "[rehearsal] 4. pydantic's wheels only, then the device command as a dry run (matplotlib stays missing)"
+OUT=$R/out-no-matplotlib PYTHON=$R/venv/bin/python WHEELS=$R/wheels-no-matplotlib \
+    bash tools/gpu_run.sh --dry-run >"$R/no-matplotlib.log" 2>&1 || true
+grep -q "package matplotlib,MISSING" "$R/out-no-matplotlib/environment.csv"
+check_report "$R/out-no-matplotlib"
+
+echo "[rehearsal] 5. every wheel, then the device command as a dry run"
+OUT=$R/out PYTHON=$R/venv/bin/python WHEELS=$R/wheels bash tools/gpu_run.sh --dry-run >"$R/full.log" 2>&1 || true
+"$R/venv/bin/python" -c "import pydantic, matplotlib; print('[rehearsal] installed offline: pydantic', pydantic.VERSION, 'matplotlib', matplotlib.__version__)"
+check_report "$R/out"
+echo "[rehearsal] done: reports in $R/out-no-matplotlib and $R/out"
