@@ -128,18 +128,6 @@ def test_channels_last_model_matches_contiguous(device, tmp_path):
     assert trainer.fit()["steps"] == 6
 
 
-def test_compiled_step_matches_eager_and_trains(device, tmp_path, monkeypatch):
-    if device.type == "cpu":  # the rehearsal: the same graph capture and autograd, without inductor's C++ builds
-        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    eager = first_loss(Trainer(image_config(device, "train.amp=none"), tmp_path / "eager"))
-    trainer = Trainer(image_config(device, "train.amp=none", "train.compile=true"), tmp_path / "compiled")
-    assert trainer.train_model is not trainer.model  # the compiled wrapper
-    assert abs(first_loss(trainer) - eager) <= 1e-2 * abs(eager)
-    trainer = Trainer(image_config(device, "train.compile=true"), tmp_path / "run")  # bf16 on CUDA
-    summary = trainer.fit()
-    assert summary["steps"] == 6 and 0 <= summary["test_top1"] <= 100
-
-
 def test_checkpoint_written_on_the_gpu_resumes_on_the_cpu(device, tmp_path):
     trainer = Trainer(image_config(device, "train.steps=4", "train.eval_every=4"), tmp_path)
     trainer.fit()
@@ -186,3 +174,14 @@ def test_process_group_of_size_one(device, tmp_path):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_compiled_step_matches_eager_and_trains(device, tmp_path, monkeypatch):  # last: the slowest
+    if device.type == "cpu":  # the rehearsal: the same graph capture and autograd, without inductor's C++ builds
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager = first_loss(Trainer(image_config(device), tmp_path / "eager"))  # bf16 on CUDA
+    trainer = Trainer(image_config(device, "train.compile=true"), tmp_path / "compiled")
+    assert trainer.train_model is not trainer.model  # the compiled wrapper
+    assert abs(first_loss(trainer) - eager) <= 0.03 * abs(eager)
+    summary = trainer.fit()
+    assert summary["steps"] == 6 and 0 <= summary["test_top1"] <= 100

@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["environment", "cuda_tests", "throughput", "leaderboard"]
-SHARES = {"environment": 0.03, "cuda_tests": 0.22, "throughput": 0.33, "leaderboard": 0.42}  # of the budget
+SHARES = {"environment": 0.03, "cuda_tests": 0.25, "throughput": 0.32, "leaderboard": 0.40}  # of the budget
 DRY_SHARES = {"environment": 0.02, "cuda_tests": 0.3, "throughput": 0.25, "leaderboard": 0.43}
 TARGETS = {"heavy": 40.0, "mixmatch": 100.0, "small_cnn_mixmatch": 500.0}  # ssltrain steps/s on one H100/H200 (issue 17)
 SHAPES = ["small_cnn_mixmatch", "mixmatch", "heavy", "supervised"]
@@ -116,7 +116,6 @@ class Check:
         self.deadline = self.started + args.budget_s
         self.parts = {name: Part(name) for name in args.parts}
         self.log_file = open(self.out / "log.txt", "a", buffering=1)
-        self.device = "cpu" if self.dry else "cuda"
         self.dataset: tuple[str, list[str]] | None = None
 
     # --- running things -----------------------------------------------------------------------------

@@ -16,8 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-R=.gpu/rehearsal
-NODE_PACKAGES="torch pluggy pyyaml tensorboard tqdm scipy pytest setuptools wheel"
+R=${REHEARSAL_DIR:-.gpu/rehearsal}
+NODE_PACKAGES="torch torchvision pluggy pyyaml tensorboard tqdm scipy pytest setuptools wheel"
 PYVER=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 rm -rf "$R"
 mkdir -p "$R"
