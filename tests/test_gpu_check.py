@@ -85,14 +85,14 @@ def plan(seconds, counter=count(8), steps=20000):
 
 
 def test_cut_rule_drops_seeds_first_then_label_counts_then_steps():
-    per_round = 20000 / 100 + 10  # 9 cells (8 methods + baseline) per (labels, seed) = one round of 9 processes
+    per_round = (20000 / 100 + 10) * gpu_check.SAFETY  # 9 cells (8 methods + baseline) per (labels, seed): one round
     labels, seeds, steps, lines = plan(6 * per_round)
     assert (labels, seeds, steps) == ([250, 40], [0, 1, 2], 20000) and "nothing cut" in lines[-1]
     assert plan(5 * per_round)[:3] == ([250, 40], [0, 1], 20000)
     assert plan(2 * per_round)[:3] == ([250, 40], [0], 20000)
     labels, seeds, steps, lines = plan(per_round)
     assert (labels, seeds, steps) == ([250], [0], 20000) and "CUT: 2 seed(s), labels [40]." in lines[-1]
-    assert plan(10000 / 100 + 10)[:3] == ([250], [0], 10000)
+    assert plan((10000 / 100 + 10) * gpu_check.SAFETY)[:3] == ([250], [0], 10000)
     labels, seeds, steps, lines = plan(30)  # nothing fits: the smallest plan runs until the time limit
     assert (labels, seeds, steps) == ([250], [0], 5000) and any("Nothing fits" in line for line in lines)
     assert plan(0, counter=lambda *a: 0)[:3] == ([250, 40], [0, 1, 2], 20000)  # finished cells cost nothing

@@ -63,11 +63,12 @@ VARIANTS = [  # (name, tools/bench.py arguments, shapes): in priority order, as 
 PACKAGES = ["ssltrain", "torch", "torchvision", "triton", "pydantic", "pydantic-core", "matplotlib", "pluggy",
             "PyYAML", "tensorboard", "tqdm", "scipy", "numpy", "pytest", "setuptools"]
 LABELS, SEEDS, MIN_STEPS = [250, 40], [0, 1, 2], 5000
+SAFETY = 1.2  # the estimate's allowance for evaluations, checkpoints and uneven cells
 CUT_RULE = (f"Cut rule, applied in this order until the estimate fits the part's time: 1) fewer seeds (3, then 2, "
             f"then 1); 2) fewer label counts (40 dropped, 250 kept); 3) fewer steps (halved, not below {MIN_STEPS}). "
             f"Whatever still does not fit runs seed by seed until the time limit; unfinished cells are listed as not "
             f"run (they resume from their checkpoints when the same command runs again on the same machine). "
-            f"Estimate: ceil(cells / N) x (steps / per-process steps/s + per-process start-up).")
+            f"Estimate: ceil(cells / N) x (steps / per-process steps/s + per-process start-up) x {SAFETY}.")
 FILES = ["report.md", "environment.csv", "cuda_tests.csv", "throughput.csv", "concurrency.csv", "leaderboard.md",
          "leaderboard.csv", "log.txt"]
 
@@ -359,7 +360,9 @@ class Check:
             description, data_sets = f"as in the configs (data.name {sorted(map(str, names))})", []
         steps = 4 if self.dry else self.args.leaderboard_steps
         common = [*data_sets, f"train.cpu_threads={1 if self.dry else 2}", "train.progress=lines"]
-        part.lines = [f"Configs: {', '.join(configs)}.  ", f"Data: {description}.", ""]
+        part.lines = [f"Configs: {', '.join(configs)}.  ", f"Data: {description}.  ",
+                      f"Steps: {steps}{' (dry run: 1 seed)' if self.dry else ''}, labels {LABELS}, seeds "
+                      f"{SEEDS[:1] if self.dry else SEEDS}, before the cut rule.", ""]
 
         probe = self.probe_concurrency(configs, common, deadline)
         best = max((r for r in probe if r["aggregate_steps_per_s"]), key=lambda r: r["aggregate_steps_per_s"], default=None)
@@ -378,8 +381,8 @@ class Check:
         grace = 3 if self.dry else 30  # at the limit, for the running cells' checkpoints and the tables
         seconds = self.left(deadline) - grace - (2 if self.dry else 10)
         labels, seeds, n_steps, lines = plan_matrix(
-            lambda la, se, st: len(pending_cells(la, se, st)[1]), LABELS, SEEDS, steps, rate, startup, jobs, seconds,
-            min_steps=min(MIN_STEPS, steps))
+            lambda la, se, st: len(pending_cells(la, se, st)[1]), LABELS, SEEDS[:1] if self.dry else SEEDS, steps,
+            rate, startup, jobs, seconds, min_steps=min(MIN_STEPS, steps))
         cells, pending = pending_cells(labels, seeds, n_steps)
         part.lines += [CUT_RULE, "", *lines, ""]
         self.write_report()
@@ -450,7 +453,7 @@ def plan_matrix(count_cells, labels: list[int], seeds: list[int], steps: int, ra
     """The largest matrix that fits `seconds` under CUT_RULE: (labels, seeds, steps, report lines).
     count_cells(labels, seeds, steps) counts the cells still to train (finished ones cost nothing)."""
     def estimate(la, se, st):
-        return math.ceil(count_cells(la, se, st) / jobs) * (st / rate + startup)
+        return math.ceil(count_cells(la, se, st) / jobs) * (st / rate + startup) * SAFETY
 
     candidates = [(labels, seeds[:k], steps) for k in range(len(seeds), 0, -1)]
     candidates += [(labels[:k], seeds[:1], steps) for k in range(len(labels) - 1, 0, -1)]
