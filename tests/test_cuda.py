@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ssltrain import all_reduce_mean, checkpoint
 from ssltrain import augment as A
-from ssltrain import checkpoint
-from ssltrain.distributed import all_reduce_mean
 from ssltrain.loop import Trainer
 from ssltrain.testing import tiny_config
 
