@@ -383,7 +383,7 @@ class Check:
         labels, seeds, n_steps, lines = plan_matrix(
             lambda la, se, st: len(pending_cells(la, se, st)[1]), LABELS, SEEDS[:1] if self.dry else SEEDS, steps,
             rate, startup, jobs, seconds, min_steps=min(MIN_STEPS, steps))
-        cells, pending = pending_cells(labels, seeds, n_steps)
+        cells, _ = pending_cells(labels, seeds, n_steps)
         part.lines += [CUT_RULE, "", *lines, ""]
         self.write_report()
         argv = [sys.executable, "tools/benchmark.py", *configs, "--labels", *map(str, labels), "--seeds", *map(str, seeds),
