@@ -13,7 +13,7 @@ def write_summary(trainer) -> dict:
     summary = {"test_top1": tops[-1], "best_test_top1": max(tops),
                "median_last_test_top1": statistics.median(last), "median_last_n": len(last),
                "evaluated_model": "ema" if trainer.ema is not None else "online",
-               "steps": trainer.step, "wall_seconds": trainer.seconds["wall"],
+               "steps": trainer.step, "wall_seconds": trainer.seconds["wall"], "train_seconds": trainer.seconds["train"],
                "train_samples_per_second": trainer.step * rows / max(trainer.seconds["train"], 1e-9),
                "plugins": list(trainer.config.plugins), "num_labeled": len(trainer.data.labeled_idx),
                "processes": trainer.dist.world, "final_eval": trainer.final_eval}

@@ -80,7 +80,7 @@ def count(n_methods):
 
 
 def plan(seconds, counter=count(8), steps=20000):
-    return gpu_check.plan_matrix(counter, [250, 40], [0, 1, 2], steps, rate=100.0, startup=10.0, jobs=9,
+    return gpu_check.plan_matrix(counter, [250, 40], [0, 1, 2], steps, rate=100.0, overhead=10.0, jobs=9,
                                  seconds=seconds, min_steps=5000)
 
 

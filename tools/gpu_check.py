@@ -68,7 +68,8 @@ CUT_RULE = (f"Cut rule, applied in this order until the estimate fits the part's
             f"then 1); 2) fewer label counts (40 dropped, 250 kept); 3) fewer steps (halved, not below {MIN_STEPS}). "
             f"Whatever still does not fit runs seed by seed until the time limit; unfinished cells are listed as not "
             f"run (they resume from their checkpoints when the same command runs again on the same machine). "
-            f"Estimate: ceil(cells / N) x (steps / per-process steps/s + per-process start-up) x {SAFETY}.")
+            f"Estimate: ceil(cells / N) x (steps / per-process steps/s + overhead per cell) x {SAFETY}; the overhead is "
+            f"a probe process's wall time minus its training time (start-up, evaluation, checkpoint).")
 FILES = ["report.md", "environment.csv", "cuda_tests.csv", "throughput.csv", "concurrency.csv", "leaderboard.md",
          "leaderboard.csv", "log.txt"]
 
@@ -367,12 +368,12 @@ class Check:
         probe = self.probe_concurrency(configs, common, deadline)
         best = max((r for r in probe if r["aggregate_steps_per_s"]), key=lambda r: r["aggregate_steps_per_s"], default=None)
         part.lines += ["Concurrency (N processes of the leaderboard configs at once, "
-                       f"{probe[0]['steps'] if probe else 0} steps each; per-process rate = steps / training seconds):",
+                       f"{probe[0]['steps'] if probe else 0} steps each; per-process rate = steps / training seconds, without evaluation; overhead = wall time - training time):",
                        "", *markdown_table(probe), ""]
         if best is None:
             part.lines += ["No probe run finished: the end of log.txt says why.", *self.log_tail()]
             raise RuntimeError("the concurrency probe failed")
-        jobs, rate, startup = best["processes"], best["per_process_steps_per_s"], best["startup_s"]
+        jobs, rate, overhead = best["processes"], best["per_process_steps_per_s"], best["overhead_s"]
 
         def pending_cells(labels, seeds, n_steps):
             cells = benchmark.build_cells(configs, labels, seeds, [f"train.steps={n_steps}", *common], benchmark.discover())
@@ -382,7 +383,7 @@ class Check:
         seconds = self.left(deadline) - grace - (2 if self.dry else 10)
         labels, seeds, n_steps, lines = plan_matrix(
             lambda la, se, st: len(pending_cells(la, se, st)[1]), LABELS, SEEDS[:1] if self.dry else SEEDS, steps,
-            rate, startup, jobs, seconds, min_steps=min(MIN_STEPS, steps))
+            rate, overhead, jobs, seconds, min_steps=min(MIN_STEPS, steps))
         cells, _ = pending_cells(labels, seeds, n_steps)
         part.lines += [CUT_RULE, "", *lines, ""]
         self.write_report()
@@ -434,12 +435,12 @@ class Check:
                     proc.wait()
             wall = time.monotonic() - started
             summaries = [json.loads(p.read_text()) for p in folder.glob("*/summary.json")]
-            rates = [s["steps"] / max(s["wall_seconds"], 1e-9) for s in summaries]
+            rates = [s["steps"] / max(s["train_seconds"], 1e-9) for s in summaries]
             ok = len(summaries) == n
             rows.append({"processes": n, "finished": f"{len(summaries)}/{n}", "steps": steps,
                          "per_process_steps_per_s": round(sum(rates) / len(rates), 1) if ok else None,
                          "aggregate_steps_per_s": round(sum(rates), 1) if ok else None,
-                         "startup_s": round(wall - min(s["wall_seconds"] for s in summaries), 1) if ok else None,
+                         "overhead_s": round(wall - min(s["train_seconds"] for s in summaries), 1) if ok else None,
                          "wall_s": round(wall, 1)})
             write_csv(self.out / "concurrency.csv", rows)
             best = max((r["aggregate_steps_per_s"] for r in rows[:-1] if r["aggregate_steps_per_s"]), default=0)
@@ -448,12 +449,12 @@ class Check:
         return rows
 
 
-def plan_matrix(count_cells, labels: list[int], seeds: list[int], steps: int, rate: float, startup: float,
+def plan_matrix(count_cells, labels: list[int], seeds: list[int], steps: int, rate: float, overhead: float,
                 jobs: int, seconds: float, min_steps: int) -> tuple[list[int], list[int], int, list[str]]:
     """The largest matrix that fits `seconds` under CUT_RULE: (labels, seeds, steps, report lines).
     count_cells(labels, seeds, steps) counts the cells still to train (finished ones cost nothing)."""
     def estimate(la, se, st):
-        return math.ceil(count_cells(la, se, st) / jobs) * (st / rate + startup) * SAFETY
+        return math.ceil(count_cells(la, se, st) / jobs) * (st / rate + overhead) * SAFETY
 
     candidates = [(labels, seeds[:k], steps) for k in range(len(seeds), 0, -1)]
     candidates += [(labels[:k], seeds[:1], steps) for k in range(len(labels) - 1, 0, -1)]
@@ -461,7 +462,7 @@ def plan_matrix(count_cells, labels: list[int], seeds: list[int], steps: int, ra
     while st // 2 >= min_steps:
         st //= 2
         candidates.append((labels[:1], seeds[:1], st))
-    lines = [f"Measured: {rate:.1f} steps/s per process with N = {jobs} processes, {startup:.0f} s start-up; "
+    lines = [f"Measured: {rate:.1f} steps/s per process with N = {jobs} processes, {overhead:.0f} s overhead per cell; "
              f"{seconds:.0f} s left for training."]
     for la, se, st in candidates:
         need = estimate(la, se, st)

@@ -10,7 +10,7 @@
 # 2. the wheels for this Python (tools/offline_wheels.sh -> .gpu/rehearsal/wheels), and the same without
 #    matplotlib and what only it needs (.gpu/rehearsal/wheels-no-matplotlib);
 # 3. before any install, gpu_check's environment part must name pydantic and matplotlib as missing;
-# 4. with pydantic's wheels only (no matplotlib), `tools/gpu_run.sh --dry-run`: every part must work;
+# 4. with every wheel but matplotlib's, `tools/gpu_run.sh --dry-run`: every part must work;
 # 5. with every wheel, `tools/gpu_run.sh --dry-run` again, offline (PIP_NO_INDEX): the device command itself.
 # Reports land in .gpu/rehearsal/out-*; the script stops at the first step that does not hold.
 set -euo pipefail
@@ -66,10 +66,11 @@ fi
 echo "[rehearsal] 2. wheels for Python $PYVER"
 bash tools/offline_wheels.sh "$PYVER" "$R/wheels" 2>&1 | grep -v "^WARNING: Location"
 mkdir -p "$R/wheels-no-matplotlib"
-for name in pydantic pydantic_core annotated_types typing_extensions typing_inspection; do
+for name in pydantic pydantic_core annotated_types typing_extensions typing_inspection setuptools wheel; do
     cp "$R/wheels/$name"-[0-9]*.whl "$R/wheels-no-matplotlib/"
 done
-grep -E "^(#|pydantic|annotated-types|typing-)" "$R/wheels/requirements.txt" >"$R/wheels-no-matplotlib/requirements.txt"
+grep -E "^(#|pydantic|annotated-types|typing-|setuptools|wheel)" "$R/wheels/requirements.txt" \
+    >"$R/wheels-no-matplotlib/requirements.txt"
 
 echo "[rehearsal] 3. before the install: the environment part names what is missing"
 "$R/venv/bin/python" tools/gpu_check.py --dry-run --parts environment --out "$R/out-bare" >/dev/null || true
@@ -77,22 +78,26 @@ grep -q "package pydantic,MISSING" "$R/out-bare/environment.csv" && grep -q "pac
 grep "MISSING\|importable" "$R/out-bare/environment.csv"
 
 export PIP_NO_INDEX=1  # from here on, as on the node: no index
-check_report() {
+LEADERBOARD=${LEADERBOARD:-configs/mixmatch_fashion_mnist.yaml}  # Fashion-MNIST at 4 steps: the real data path
+check_report() {  # every part worked: ssltrain imported, no CUDA test failed or left out, every bench row timed
     local out=$1
-    if grep -q "^| [a-z_]* | failed" "$out/report.md"; then
-        echo "[rehearsal] a part failed in $out/report.md" >&2
+    sed -n '/^| part |/,/^$/p' "$out/report.md"
+    if grep -q "^| [a-z_]* | failed" "$out/report.md" || ! grep -q "ssltrain importable,yes" "$out/environment.csv" ||
+        grep -q ",failed,\|,not run" "$out/cuda_tests.csv" || grep -q ",failed" "$out/throughput.csv" ||
+        ! grep -q "^| leaderboard | done" "$out/report.md"; then
+        echo "[rehearsal] something did not work: see $out/report.md and $out/log.txt" >&2
         exit 1
     fi
-    sed -n '/^| part |/,/^$/p' "$out/report.md"
 }
-echo "[rehearsal] 4. pydantic's wheels only, then the device command as a dry run (matplotlib stays missing)"
+echo "[rehearsal] 4. every wheel but matplotlib's, then the device command as a dry run"
 OUT=$R/out-no-matplotlib PYTHON=$R/venv/bin/python WHEELS=$R/wheels-no-matplotlib \
-    bash tools/gpu_run.sh --dry-run >"$R/no-matplotlib.log" 2>&1 || true
+    bash tools/gpu_run.sh --dry-run --leaderboard-configs "$LEADERBOARD" >"$R/no-matplotlib.log" 2>&1 || true
 grep -q "package matplotlib,MISSING" "$R/out-no-matplotlib/environment.csv"
 check_report "$R/out-no-matplotlib"
 
 echo "[rehearsal] 5. every wheel, then the device command as a dry run"
-OUT=$R/out PYTHON=$R/venv/bin/python WHEELS=$R/wheels bash tools/gpu_run.sh --dry-run >"$R/full.log" 2>&1 || true
+OUT=$R/out PYTHON=$R/venv/bin/python WHEELS=$R/wheels bash tools/gpu_run.sh --dry-run --leaderboard-configs "$LEADERBOARD" \
+    >"$R/full.log" 2>&1 || true
 "$R/venv/bin/python" -c "import pydantic, matplotlib; print('[rehearsal] installed offline: pydantic', pydantic.VERSION, 'matplotlib', matplotlib.__version__)"
 check_report "$R/out"
 echo "[rehearsal] done: reports in $R/out-no-matplotlib and $R/out"

@@ -7,8 +7,10 @@
 #     && python -m pip install --no-index --no-build-isolation --no-deps -e .      # there, offline
 #
 # What is fetched: the dependencies in pyproject.toml, minus those a GPU node brings with PyTorch
-# (PRESENT below), with everything they need, as manylinux x86_64 (or pure Python) wheels for CPython
-# PYVER; then the PRESENT ones are deleted from DIR again (numpy comes with matplotlib's needs).
+# (PRESENT below), and the build requirements (setuptools, and wheel for setuptools < 70.1, which the
+# install with --no-build-isolation uses), with everything they need, as manylinux x86_64 (or pure
+# Python) wheels for CPython PYVER; then the PRESENT ones are deleted from DIR again (numpy comes with
+# matplotlib's needs).
 # requirements.txt lists each wheel in DIR with the version constraints that the project and the other
 # wheels put on it (e.g. pydantic-core==X from pydantic, typing-extensions>=Y): pip keeps a package the
 # node already has when it satisfies them and installs the carried wheel otherwise, so `--no-deps` is safe.
@@ -28,7 +30,8 @@ try:
 except ImportError:  # Python < 3.11: pip's own copy of tomli
     from pip._vendor import tomli as tomllib
 present = set(sys.argv[1].split())
-for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+project = tomllib.load(open("pyproject.toml", "rb"))
+for dep in [*project["project"]["dependencies"], *project["build-system"]["requires"], "wheel"]:
     name = re.split(r"[<>=!~ \[;]", dep, maxsplit=1)[0].lower().replace("_", "-")
     if name not in present:
         print(dep)
