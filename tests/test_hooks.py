@@ -293,8 +293,8 @@ def test_hook_ssl_metrics(tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"diag/batch_u", "diag/loss", "pi_model/consistency", "loss/supervised", "loss/total",
-            "core/lr", "eval/top1"} <= set(tags)
+    assert {"diag/batch_u", "diag/loss", "loss/pi_model/consistency", "loss/supervised", "loss/total",
+            "train/lr", "accuracy/top1"} <= set(tags)
     assert [e.step for e in events.Scalars("diag/batch_u")] == [5, 10]
     assert events.Scalars("diag/batch_u")[0].value == 32
 
