@@ -136,8 +136,8 @@ class MixMatch(SSLPlugin):
 
     def describe(self) -> str:
         c = self.config
-        return (f"mixmatch/l2 x {c.lambda_u:g} after a linear ramp-up over {c.rampup_steps} steps; K {c.K}, T {c.T}, "
-                f"alpha {c.alpha}, bn {c.bn_mode}" + (", distribution alignment" if c.distribution_alignment else ""))
+        return (f"mixmatch/l2 x {c.lambda_u:g} after a linear ramp-up over {c.rampup_steps} steps; K={c.K}, T={c.T}, "
+                f"alpha={c.alpha}, bn_mode={c.bn_mode}" + (", distribution_alignment" if c.distribution_alignment else ""))
 
     @hookimpl
     def ssl_configure(self, config, plugins):

@@ -103,7 +103,7 @@ class NS3L(SSLPlugin):
         c = self.config
         threshold = f"{c.threshold:g}" if c.threshold is not None else "0.4/C"
         return (f"ns3l/unlabeled x {c.weight:g} * n_u/(n_l+n_u) (ns3l/labeled x {c.weight:g} * n_l/(n_l+n_u) next to "
-                f"a label guesser) after a ramp-up over {c.rampup_steps} steps; threshold {threshold}")
+                f"a label guesser) after a ramp-up over {c.rampup_steps} steps; threshold={threshold}")
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, num_classes):

@@ -32,8 +32,8 @@ class PiModel(SSLPlugin):
 
     def describe(self) -> str:
         c = self.config
-        return (f"pi_model/consistency x {c.weight:g} after a sigmoid ramp-up over {c.rampup_steps} steps; second "
-                f"view {c.view}")
+        return (f"pi_model/consistency x {c.weight:g} after a sigmoid ramp-up over {c.rampup_steps} steps; "
+                f"view={c.view}")
 
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):

@@ -102,7 +102,7 @@ class VAT(SSLPlugin):
         if c.entmin_weight:
             text += f", vat/entmin x {c.entmin_weight:g} * B_u/(B_l+B_u)"
         return (text + f" (the official mean over all rows) after a ramp-up over {c.rampup_steps} steps; "
-                       f"epsilon {c.epsilon:g}, xi {c.xi:g}")
+                       f"epsilon={c.epsilon:g}, xi={c.xi:g}")
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):

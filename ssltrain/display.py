@@ -156,8 +156,8 @@ class Display:
         seconds = time.perf_counter() - self._eval_start
         self._paused += seconds
         self.eval_seconds.append(seconds)
-        line = (f"eval  step {step}/{self.total}: top-1 {metrics['top1']:.2f}%  (best {best[1]:.2f}% at step "
-                f"{best[0]})  ece {metrics['ece']:.2f}%  nll {number(metrics['nll'])}  [{seconds:.1f}s]")
+        line = (f"eval @ {step}: top-1 {metrics['top1']:.2f}%  best {best[1]:.2f}% (step {best[0]})  "
+                f"ece {metrics['ece']:.2f}%  nll {number(metrics['nll'])}  {seconds:.1f}s")
         extra = [f"{k} {number(v)}" for k, v in metrics.items()
                  if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)]
         self.line(line)
@@ -178,10 +178,11 @@ class Display:
     def _speed(self) -> str:
         if not self.rate:
             return ""
+        rate = f"{self.rate:,.0f}" if self.rate >= 100 else f"{self.rate:.{1 if self.rate >= 10 else 2}f}"
         evals_left = self.total // self.eval_every - self.step // self.eval_every
         per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
         eta = (self.total - self.step) / self.rate + evals_left * per_eval
-        return f"{number(self.rate)} it/s  eta {duration(eta)}"
+        return f"{rate} it/s  eta {duration(eta)}"
 
     def _width(self) -> int:
         return shutil.get_terminal_size((80, 24)).columns if self.bar is not None else 160
@@ -201,12 +202,15 @@ class Display:
     # --- the end -----------------------------------------------------------------------------------
 
     def result(self, summary: dict, run_dir: Path) -> dict:
-        """The final lines: accuracy, where the run's files are, how to look at them. Returns `summary`."""
-        self.line(f"test accuracy ({summary['evaluated_model']} model): {summary['test_top1']:.2f}%  best: "
-                  f"{summary['best_test_top1']:.2f}% (step {summary['best_step']})  median of last "
-                  f"{summary['median_last_n']}: {summary['median_last_test_top1']:.2f}%  ({summary['steps']} steps, "
-                  f"{duration(summary['wall_seconds'])})")
-        self.line(f"run directory: {run_dir}  (summary.json, metrics.jsonl, train.jsonl, console.log, checkpoints/)")
+        """The final lines (below the live display's last state): accuracy, where the run's files are, how to
+        look at them. Returns `summary`."""
+        self._close_live()
+        self.line(f"test accuracy ({summary['evaluated_model']} model): {summary['test_top1']:.2f}%   "
+                  f"({summary['steps']:,} steps, {duration(summary['wall_seconds'])})")
+        self.line(f"best: {summary['best_test_top1']:.2f}% at step {summary['best_step']:,}   median of the last "
+                  f"{summary['median_last_n']} evaluations: {summary['median_last_test_top1']:.2f}%")
+        self.line(f"run directory: {run_dir}")
+        self.line("  summary.json metrics.jsonl train.jsonl console.log config.yaml checkpoints/ tb/")
         self.line(f"TensorBoard: tensorboard --logdir {run_dir}")
         return summary
 
@@ -216,13 +220,16 @@ class Display:
                   f"to train (raise train.steps to continue it). Its result:")
         return self.result(summary, run_dir)
 
-    def close(self, error: BaseException | None = None) -> None:
-        if self.log.closed:
-            return
+    def _close_live(self) -> None:
         for bar in [self.bar, *self.status]:
             if bar is not None:
                 bar.close()
         self.bar, self.status = None, []
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.log.closed:
+            return
+        self._close_live()
         if error is not None:
             self.log.write(f"[{datetime.now():%Y-%m-%d %H:%M:%S}] stopped: {type(error).__name__}: {error}\n")
         self.log.close()

@@ -14,7 +14,7 @@
         result = ssl_optimizer_step(closure, model, optimizer, scaler, ctx)  # plugins may wrap
         scheduler.step(); ema.update()
         ssl_step_end(result, batch, ctx)
-        every log_every:  ssl_metrics(result, ctx) -> TensorBoard      # the only host syncs
+        every log_every:  ssl_metrics(result, ctx) -> TensorBoard      # host syncs: here (and the display, 1/s)
         every eval_every: evaluate with ssl_predict(ema model, x); ssl_evaluate_end(...)
         every checkpoint_every: ssl_state_dict(state) -> checkpoints/last.pt (atomic)
     resume: checkpoint -> ssl_load_state_dict(state)
@@ -24,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.func import functional_call
 
 from . import checkpoint, distributed, rng
@@ -175,9 +173,7 @@ class Trainer:
         logger = RunLogger(self.run_dir, self.step, tc.steps, self.data.classes, descriptions(self.pm)) \
             if main else NullLogger()
         display.header(header_lines(self))
-        if self.step == 0:
-            logger.text("config", "```\n" + yaml.safe_dump(self.config.to_dict(), sort_keys=False) + "\n```")
-        logger.hparams(hparams(self.config))
+        logger.run_config(self.config, hparams(self.config), self.step)
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         stop = StopFlag()
@@ -226,8 +222,8 @@ class Trainer:
                     metrics = self.evaluate(done, logger)
                     logger.pseudo_labels(batch, drawn_hidden, done)
                     display.evaluated(done, metrics, best(self.history))
-                    eval_seconds += time.perf_counter() - t0
-                    t_log += time.perf_counter() - t0  # throughput without the evaluations
+                    took = time.perf_counter() - t0
+                    eval_seconds, t_log = eval_seconds + took, t_log + took  # throughput without evaluations
                 if is_ckpt:
                     self.save_checkpoint(time.perf_counter() - t_start, eval_seconds)
                     t_start, eval_seconds = time.perf_counter(), 0.0

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
@@ -154,8 +155,11 @@ class RunLogger:
                                       f"red: wrong, by the hidden labels; grey: unknown)")
             self.figure(f"pseudo_labels/{plugin}", fig, step)
 
-    def hparams(self, hparams: dict) -> None:
-        """The run's settings for TensorBoard's HParams table, whose metric columns are HPARAM_METRICS."""
+    def run_config(self, config, hparams: dict, step: int) -> None:
+        """At the start: the resolved config as text (a new run) and the settings for TensorBoard's HParams
+        table, whose metric columns are HPARAM_METRICS."""
+        if step == 0:
+            self.text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
         experiment, start, _ = tb_summary.hparams(hparams, {m: 0.0 for m in HPARAM_METRICS})
         for summary in (experiment, start):
             self.writer._get_file_writer().add_summary(summary)
