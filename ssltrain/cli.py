@@ -268,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run's checkpoint on the test set", formatter_class=formatter,
                        description="Evaluate a checkpoint (the EMA model when EMA is on) on the run's test set and "
                                    "print top-1, calibration and per-class accuracy.",
-                       epilog="examples:\n  ssltrain eval runs/latest\n  ssltrain eval runs/latest --which best --json\n"
+                       epilog="examples:\n  ssltrain eval runs/latest\n"
+                              "  ssltrain eval runs/latest --which best --json\n"
                               "  ssltrain eval runs/mm250-s1/checkpoints/last.pt")
     e.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or a .pt checkpoint file")
     e.add_argument("--which", choices=["last", "best"], default="last",

@@ -5,7 +5,7 @@ evaluation and the final result. Everything shown is also appended, as plain lin
 On a terminal the display is tqdm: a bar line (steps, elapsed time, remaining time, steps per second
 without the evaluations) and, below it, the loss terms and the learning rate, wrapped to the terminal's
 width. While the run evaluates, the bar says so. Elsewhere (a pipe, a file, CI) plain lines are printed
-every 5% of the run or 30 seconds, from the log steps' values.
+every 5% of the run (from the log steps' values) or 30 seconds.
 
 The hot path stays free of host syncs: `tick` runs every step but reads the loop's accumulated on-device
 loss sums (one transfer) only when `interval` seconds have passed.
@@ -111,32 +111,38 @@ class Display:
                                                      "[{elapsed}{postfix}]")
 
     def tick(self, step: int, sums: dict[str, torch.Tensor], count: int, lr: float) -> None:
-        """Every step: at most once per `interval` seconds, read the mean of the accumulated loss sums
-        (one device-to-host transfer) and redraw."""
+        """Every step: at most once per `interval` seconds (for plain lines, per 30 s) read the mean of the
+        accumulated loss sums (one device-to-host transfer) and redraw."""
         now = time.perf_counter()
         if now - self._tick_time < self.interval:
             return
         self._measure(step, now)
-        if self.bar is None:
+        plain_due = now - self._plain_time >= PLAIN_EVERY[1]
+        if self.bar is None and not plain_due:
             return
         if count:
             names = list(sums)
             means = (torch.stack([sums[n].float() for n in names]) / count).tolist()
             self.values.update({loss_tag(n): v for n, v in zip(names, means)})
         self.values["train/lr"] = lr
-        self._draw(step)
+        if self.bar is not None:
+            self._draw(step)
+        if plain_due:
+            self._plain(step, now)
 
     def logged(self, step: int, values: dict[str, float]) -> None:
         """At a log step, with the values written to TensorBoard (means over all processes): a plain line
-        every 5% of the run or 30 s (printed when there is no live display; always in console.log)."""
+        every 5% of the run (printed when there is no live display; always in console.log)."""
         self.values.update({k: v for k, v in values.items() if k.startswith("loss/") or k == "train/lr"})
         now = time.perf_counter()
-        if step < self.total and step - self._plain_step < PLAIN_EVERY[0] * self.total \
-                and now - self._plain_time < PLAIN_EVERY[1]:
-            return
+        if step >= self.total or step - self._plain_step >= PLAIN_EVERY[0] * self.total \
+                or now - self._plain_time >= PLAIN_EVERY[1]:
+            if self._tick_step < step:
+                self._measure(step, now)
+            self._plain(step, now)
+
+    def _plain(self, step: int, now: float) -> None:
         self._plain_time, self._plain_step = now, step
-        if self.rate is None or self._tick_step < step:
-            self._measure(step, now)
         text = f"step {step}/{self.total}  " + " ".join(loss_items(self.values)) + f"  {self._speed()}"
         if self.bar is None:
             print(text, file=self.stream, flush=True)

@@ -33,8 +33,8 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str)
     counts = np.asarray(confusion, dtype=np.int64)
     k = len(counts)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    size = min(max(4.5, 0.62 * k + 2.5), 16)
-    fig = _figure(size + 1.2, size)
+    size = min(max(4.0, 0.45 * k + 2.2), 14)  # inches: about 650 pixels wide for 10 classes
+    fig = _figure(size + 1.0, size)
     ax = fig.add_subplot()
     image = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
@@ -47,7 +47,7 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str)
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, f"{100 * share[i, j]:.0f}%\n{counts[i, j]}", ha="center", va="center",
-                        fontsize=7 if k <= 12 else 5, linespacing=1.1,
+                        fontsize=6.5 if k <= 12 else 5, linespacing=1.0,
                         color="white" if share[i, j] > 0.55 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")

@@ -17,7 +17,7 @@
         every log_every:  ssl_metrics(result, ctx) -> TensorBoard      # host syncs: here (and the display, 1/s)
         every eval_every: evaluate with ssl_predict(ema model, x); ssl_evaluate_end(...)
         every checkpoint_every: ssl_state_dict(state) -> checkpoints/last.pt (atomic)
-    resume: checkpoint -> ssl_load_state_dict(state)
+    resume: checkpoint -> ssl_load_state_dict(state); what a user sees: display.py, tblog.py
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from .errors import Interrupted
 from .evaluate import evaluate
 from .losses import as_terms, read_means, reduce_term
 from .optim import EMA, build_optimizer, build_scheduler, frozen_bn
-from .plugins import build_manager, descriptions, discover
+from .plugins import build_manager, discover
 from .signals import StopFlag
 from .summary import best, hparams, write_summary
 from .tblog import NullLogger, RunLogger, rates
@@ -73,10 +73,10 @@ class Trainer:
         self.pm, self.notes = validate(config, classes)
         self.hook = self.pm.hook
         self.data = build_data(config, self.device)
-        self.channels_last = channels_last = tc.channels_last if tc.channels_last is not None else self.data.kind == "image"
+        self.channels_last = tc.channels_last if tc.channels_last is not None else self.data.kind == "image"
         model = self.hook.ssl_build_model(config=config, num_classes=self.data.num_classes,
                                           input_shape=self.data.input_shape)
-        self.model = distributed.prepare_model(model, self.dist, tc.distributed.sync_bn, channels_last)
+        self.model = distributed.prepare_model(model, self.dist, tc.distributed.sync_bn, self.channels_last)
         if self.dist.world > 1:  # the same init on every rank (DDP broadcasts rank 0's), then each rank its own augmentations
             torch.manual_seed(config.seed * 7919 + self.dist.rank)
         self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
@@ -86,7 +86,7 @@ class Trainer:
         self.train_model = distributed.wrap_ddp(self.model, self.dist, tc.distributed.sync_bn)
         if tc.compile:
             self.train_model = torch.compile(self.train_model)
-        self.augment = Augmenter(config.data, self.data, channels_last)
+        self.augment = Augmenter(config.data, self.data, self.channels_last)
         self.uses_unlabeled = any(getattr(impl.plugin, "uses_unlabeled", True)
                                   for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
         self.batch_l = self.dist.rank_batch(config.data.batch_size, tc.distributed.batch)
@@ -170,8 +170,7 @@ class Trainer:
     def fit(self) -> dict:
         tc, hook, main = self.config.train, self.hook, self.dist.is_main
         display = self.display or (Display(self.run_dir, tc.progress) if main else NullLogger())
-        logger = RunLogger(self.run_dir, self.step, tc.steps, self.data.classes, descriptions(self.pm)) \
-            if main else NullLogger()
+        logger = RunLogger(self.run_dir, self.step, tc.steps, self.data.classes, self.pm) if main else NullLogger()
         display.header(header_lines(self))
         logger.run_config(self.config, hparams(self.config), self.step)
         sums: dict[str, torch.Tensor] = {}
@@ -293,6 +292,8 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
             checkpoint.check_same_run(state["config"], config.to_dict())
             trainer.load_state_dict(state)
             if trainer.step >= config.train.steps:  # nothing to train: say so, show the summary again
-                return display.finished(write_summary(trainer), run_dir)
+                summary = write_summary(trainer)
+                display.finished(summary, run_dir)
+                return summary
         checkpoint.write_run_files(trainer, resume)
         return trainer.fit()

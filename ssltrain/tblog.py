@@ -23,14 +23,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 
 from .figures import confusion_figure, per_class_figure, pseudo_label_figure, render
+from .plugins import descriptions
 
 DESCRIPTIONS = {
     "accuracy/top1": "Top-1 accuracy on the test set, in % (0-100), of the evaluated model (the EMA weights when "
@@ -83,34 +87,37 @@ class RunLogger:
     """Writes TensorBoard events under `run_dir/tb`, training rows to train.jsonl, evaluations to metrics.jsonl.
     Plugins get it in `ssl_evaluate_end` for pictures: `logger.figure(tag, fig, step)`, `logger.image(...)`."""
 
-    def __init__(self, run_dir: Path, start_step: int, total_steps: int, classes: list[str],
-                 descriptions: dict[str, str] | None = None):
+    def __init__(self, run_dir: Path, start_step: int, total_steps: int, classes: list[str], plugins=None):
+        """plugins: the run's plugin manager, whose plugins' `descriptions` describe their tags."""
         self.run_dir = Path(run_dir)
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
         self.total, self.classes = total_steps, classes
-        self.descriptions = dict(descriptions or {})
+        self.descriptions = descriptions(plugins) if plugins is not None else {}
         self._described: set[str] = set()
         self._figures_at: int | None = None  # the step of the latest evaluation figures
 
-    def _add(self, summary, step: int) -> None:
-        """Write a Summary, with the tag's description the first time the tag is written."""
-        for value in summary.value:
-            if value.tag not in self._described:
-                self._described.add(value.tag)
-                plugin = scalar_metadata if value.WhichOneof("value") == "simple_value" else image_metadata
-                value.metadata.CopyFrom(plugin.create_summary_metadata(
-                    display_name=value.tag, description=description(value.tag, self.descriptions)))
-        self.writer._get_file_writer().add_summary(summary, step)
+    def _write(self, tag: str, plugin, data, step: int) -> None:
+        """One tensor-format value (what TensorBoard's fast loader reads descriptions from), with the tag's
+        metadata and description the first time this logger writes the tag."""
+        value = Summary.Value(tag=tag, tensor=tensor_util.make_tensor_proto(data))
+        if tag not in self._described:
+            self._described.add(tag)
+            value.metadata.CopyFrom(plugin.create_summary_metadata(
+                display_name=tag, description=description(tag, self.descriptions)))
+        self.writer._get_file_writer().add_summary(Summary(value=[value]), step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
-            self._add(tb_summary.scalar(tag, float(value)), step)
+            self._write(tag, scalar_metadata, np.float32(value), step)
 
     def image(self, tag: str, image, step: int, dataformats: str = "CHW") -> None:
-        self._add(tb_summary.image(tag, image, dataformats=dataformats), step)
+        """An image tensor or array ([3, H, W] by default, values in [0, 1] or uint8)."""
+        png = tb_summary.image(tag, image, dataformats=dataformats).value[0].image
+        self._write(tag, image_metadata, [str(png.width).encode(), str(png.height).encode(), png.encoded_image_string],
+                    step)
 
     def figure(self, tag: str, figure, step: int) -> None:
         """A matplotlib figure (rendered without pyplot)."""
@@ -130,8 +137,9 @@ class RunLogger:
         if self._figures_due(step):
             self._figures_at = step
             title = f"step {step}, test top-1 {metrics['top1']:.2f}%"
-            self.figure("accuracy/top1_by_class", per_class_figure(metrics["per_class_top1"], self.classes,
-                                                                   metrics["top1"], f"Accuracy by class, {title}"), step)
+            by_class = per_class_figure(metrics["per_class_top1"], self.classes, metrics["top1"],
+                                        f"Accuracy by class, {title}")
+            self.figure("accuracy/top1_by_class", by_class, step)
             self.figure("accuracy/top1_confusion_matrix",
                         confusion_figure(metrics["confusion"], self.classes, f"Confusion matrix, {title}"), step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -178,6 +186,20 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def read_tensorboard(tb_dir: str | Path):
+    """A run's TensorBoard events as TensorBoard's server reads them (tensor and legacy formats): an
+    `EventAccumulator` with `.PluginTagToContent("scalars")`, `.Tensors(tag)`, `.SummaryMetadata(tag)`."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalar_values(events, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar tag from `read_tensorboard`."""
+    return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
 
 
 class NullLogger:

@@ -19,6 +19,7 @@ import pytest
 from . import checkpoint
 from .loop import Trainer
 from .plugins import discover
+from .tblog import read_tensorboard, scalar_values
 from .tiny import tiny_config
 
 
@@ -34,11 +35,8 @@ class TinyRun:
         return self.trainer.pm.get_plugin(name)
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
-        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/loss"."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        events = EventAccumulator(str(self.run_dir / "tb"), size_guidance={"scalars": 0})
-        events.Reload()
-        return [(e.step, e.value) for e in events.Scalars(tag)]
+        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/diag" or "loss/myplugin/term"."""
+        return scalar_values(read_tensorboard(self.run_dir / "tb"), tag)
 
     def checkpoint(self) -> dict:
         return checkpoint.load(self.run_dir / "checkpoints" / "last.pt")

@@ -12,6 +12,7 @@ import torch
 
 from ssltrain import display as display_module
 from ssltrain.display import Display, loss_items, number, wrap
+from ssltrain.tblog import read_tensorboard, scalar_values
 from ssltrain.testing import run_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,16 +87,14 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
 
 
 def tensorboard_run(run_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
-    return events
+    """The events as TensorBoard's server reads them, and the scalar and image tags."""
+    events = read_tensorboard(run_dir / "tb")
+    return events, list(events.PluginTagToContent("scalars")), list(events.PluginTagToContent("images"))
 
 
 def test_tensorboard_layout_descriptions_figures_and_hparams(tmp_path):
     run = run_tiny(tmp_path / "run", ["pi_model"], steps=20)
-    events = tensorboard_run(run.run_dir)
-    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
+    events, scalars, images = tensorboard_run(run.run_dir)
     # accuracy first (TensorBoard sorts groups by name and opens the first two), weighted terms under loss/
     assert sorted(scalars + images)[0] == "accuracy/top1"
     assert {"loss/total", "loss/supervised", "loss/pi_model/consistency"} <= set(scalars)
@@ -109,13 +108,13 @@ def test_tensorboard_layout_descriptions_figures_and_hparams(tmp_path):
     assert "softmax" in events.SummaryMetadata("loss/pi_model/consistency").summary_description  # the plugin's own
     # the train.jsonl rows are keyed like the TensorBoard tags
     rows = [json.loads(line) for line in (run.run_dir / "train.jsonl").read_text().splitlines()]
-    assert [e.value for e in events.Scalars("loss/pi_model/consistency")] == \
+    assert [v for _, v in scalar_values(events, "loss/pi_model/consistency")] == \
         pytest.approx([r["loss/pi_model/consistency"] for r in rows])
     # HParams: the session's settings and the metric columns
-    hparams = events.summary_metadata["_hparams_/session_start_info"].plugin_data
+    hparams = events.SummaryMetadata("_hparams_/session_start_info").plugin_data
     assert hparams.plugin_name == "hparams" and b"pi_model.weight" in hparams.content and b"num_labeled" in hparams.content
-    figure = events.Images("accuracy/top1_confusion_matrix")[-1]
-    assert figure.width >= 400 and figure.height >= 300  # a readable figure, not a 2x2-cell heat map
+    width, height, _ = events.Tensors("accuracy/top1_confusion_matrix")[-1].tensor_proto.string_val
+    assert int(width) >= 400 and int(height) >= 300  # a readable figure, not a 2x2-cell heat map
 
 
 def test_logging_cadence_scales_with_short_runs():
@@ -130,9 +129,8 @@ def test_mixmatch_shows_its_pseudo_labels(tmp_path):
     run = run_tiny(tmp_path / "run", ["mixmatch"], steps=4, overrides=(
         "data.name=synthetic", "data.options={n_train: 64, n_test: 32, shape: [1, 8, 8], num_classes: 4}",
         "model.name=small_cnn", "model.options={width: 4}", "data.batch_size=8", "data.unlabeled_batch_size=8", "train.eval_every=2"))
-    events = tensorboard_run(run.run_dir)
-    assert "pseudo_labels/mixmatch" in events.Tags()["images"]
-    assert "mixmatch/guess_acc_pct" in events.Tags()["scalars"]
+    events, scalars, images = tensorboard_run(run.run_dir)
+    assert "pseudo_labels/mixmatch" in images and "mixmatch/guess_acc_pct" in scalars
     description = events.SummaryMetadata("mixmatch/guess_acc_pct").summary_description
     assert "in %" in description and "[0, 1]" in events.SummaryMetadata("mixmatch/guess_max").summary_description
 
