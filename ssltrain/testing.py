@@ -35,8 +35,11 @@ class TinyRun:
         return self.trainer.pm.get_plugin(name)
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
-        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/diag" or "loss/myplugin/term"."""
-        return scalar_values(read_tensorboard(self.run_dir / "tb"), tag)
+        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/diag"; a loss term's name
+        "myplugin/term" also finds its tag "loss/myplugin/term"."""
+        events = read_tensorboard(self.run_dir / "tb")
+        tags = events.PluginTagToContent("scalars")
+        return scalar_values(events, tag if tag in tags or f"loss/{tag}" not in tags else f"loss/{tag}")
 
     def checkpoint(self) -> dict:
         return checkpoint.load(self.run_dir / "checkpoints" / "last.pt")

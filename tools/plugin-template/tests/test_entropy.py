@@ -12,6 +12,6 @@ def test_entropy_of_uniform_and_one_hot():
 def test_trains_logs_and_resumes(ssl_run):
     run = ssl_run(plugins=["pi_model", "entropy"], steps=10)
     assert run.summary["steps"] == 10
-    assert [step for step, _ in run.scalars("loss/entropy/ent")] == [5, 10]
+    assert [step for step, _ in run.scalars("entropy/ent")] == [5, 10]
     assert run.scalars("entropy/mean_confidence")
     assert run.resume(steps=15).summary["steps"] == 15
