@@ -249,7 +249,7 @@ class Trainer:
                                        logger=logger)
             self.history.append([step, metrics["top1"]])
             self.final_eval = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            logger.evaluation(step, metrics)
+            logger.evaluation(step, metrics, best(self.history)[1])
         self.model.train()
         return metrics
 

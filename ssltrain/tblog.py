@@ -4,13 +4,12 @@ step, keyed like the TensorBoard tags) and `metrics.jsonl` (one row per evaluati
 TensorBoard's Time Series page sorts groups (the part of a tag before the first "/") by name and opens
 the first two. The layout:
 
-    accuracy/top1                       test top-1 in %; then accuracy/top1_by_class and
-                                        accuracy/top1_confusion_matrix (figures) in the same group
+    accuracy/top1                       test top-1 in %; then top1_best (the best so far), the figures
+                                        top1_by_class and top1_confusion_matrix, and top1_median_last (at the end)
     eval/ece, eval/nll, eval/<plugin>/<name>   the rest of each evaluation (plugins' scalars included)
     loss/total, loss/supervised, loss/<plugin>/<term>   weighted contributions: they add up to loss/total
     <plugin>/<name>                     each plugin's diagnostics (ssl_metrics), in the plugin's group
     pseudo_labels/<plugin>              unlabeled samples with the labels a plugin guessed
-    summary/...                         the summary.json headline numbers, at the last step (for HParams)
     train/lr, train/samples_per_second, train/steps_per_second
 
 Units: percentages end in `_pct`, except the test accuracies (`accuracy/*`, `eval/ece`, plugins'
@@ -53,14 +52,12 @@ DESCRIPTIONS = {
     "train/samples_per_second": "Training throughput: labeled + unlabeled rows per second over all processes, "
                                 "since the previous point, evaluations excluded.",
     "train/steps_per_second": "Optimizer steps per second since the previous point, evaluations excluded.",
-    "summary/test_top1": "summary.json: test top-1 (%) of the last evaluation.",
-    "summary/best_test_top1": "summary.json: best test top-1 (%) over the evaluations.",
-    "summary/median_last_test_top1": "summary.json: median test top-1 (%) over the last train.median_last "
-                                     "evaluations of the second half of the run.",
+    "accuracy/top1_best": "The best test top-1 so far, in % (summary.json's best_test_top1 at the end).",
+    "accuracy/top1_median_last": "summary.json's median_last_test_top1, in %: the median test top-1 over the last "
+                                 "train.median_last evaluations of the second half of the run (at the end).",
 }
 TERM_PREFIX = ("Weighted contribution to loss/total (the term's weight, ramps included, times its mean over "
                "the unlabeled rows). ")
-HPARAM_METRICS = ["accuracy/top1", "summary/best_test_top1", "summary/median_last_test_top1", "eval/ece"]
 
 
 def rates(optimizer, steps: int, rows_per_step: int, seconds: float) -> dict[str, float]:
@@ -80,6 +77,9 @@ def description(tag: str, plugin_descriptions: dict[str, str]) -> str:
         return TERM_PREFIX + plugin_descriptions.get(rest, "")
     if group == "eval":
         return "At each evaluation. " + plugin_descriptions.get(rest, "")
+    if group == "pseudo_labels":
+        return (f"Unlabeled images of a training batch with the class {rest} guessed and its probability; green: "
+                f"right, red: wrong (with the true class), grey: unknown, by the hidden labels (diagnosis only).")
     return plugin_descriptions.get(tag, "")
 
 
@@ -129,11 +129,12 @@ class RunLogger:
         with open(self.run_dir / "train.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
-    def evaluation(self, step: int, metrics: dict) -> None:
-        """An evaluation: accuracy/top1 with its figures, eval/* for the rest, a row of metrics.jsonl (with
-        the class names beside per_class_top1)."""
+    def evaluation(self, step: int, metrics: dict, best: float) -> None:
+        """An evaluation: accuracy/top1 and the best so far with the figures, eval/* for the rest, a row of
+        metrics.jsonl (with the class names beside per_class_top1)."""
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.scalars({"accuracy/top1" if k == "top1" else f"eval/{k}": v for k, v in scalars.items()}, step)
+        self.scalars({"accuracy/top1_best": best}, step)
         if self._figures_due(step):
             self._figures_at = step
             title = f"step {step}, test top-1 {metrics['top1']:.2f}%"
@@ -164,19 +165,21 @@ class RunLogger:
             self.figure(f"pseudo_labels/{plugin}", fig, step)
 
     def run_config(self, config, hparams: dict, step: int) -> None:
-        """At the start: the resolved config as text (a new run) and the settings for TensorBoard's HParams
-        table, whose metric columns are HPARAM_METRICS."""
+        """At the start: the resolved config as text (a new run) and the run's settings for TensorBoard's
+        HParams table. No experiment summary is written, so TensorBoard builds the table from every run:
+        the columns are the union of the runs' settings (those that differ first) and, as metrics, the
+        scalar tags in order, which puts accuracy/top1, top1_best, top1_median_last, eval/ece and eval/nll
+        in the first five (shown by default)."""
         if step == 0:
             self.text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "\n```")
-        experiment, start, _ = tb_summary.hparams(hparams, {m: 0.0 for m in HPARAM_METRICS})
-        for summary in (experiment, start):
-            self.writer._get_file_writer().add_summary(summary)
+        _, start, _ = tb_summary.hparams(hparams, {})
+        self.writer._get_file_writer().add_summary(start)
 
     def summary(self, summary: dict, step: int) -> None:
-        """summary.json's headline numbers as summary/* scalars at the last step, and the HParams session's end."""
-        self.scalars({f"summary/{k}": summary[k] for k in ("test_top1", "best_test_top1", "median_last_test_top1")},
-                     step)
-        self.writer._get_file_writer().add_summary(tb_summary.hparams({"seed": 0}, {})[2])
+        """The median headline at the last step, and the end of the HParams session."""
+        self.scalars({"accuracy/top1_median_last": summary["median_last_test_top1"]}, step)
+        _, _, end = tb_summary.hparams({}, {})  # the session's end (status: success)
+        self.writer._get_file_writer().add_summary(end)
 
     def __enter__(self):
         return self

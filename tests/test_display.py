@@ -28,7 +28,8 @@ def test_loss_line_adds_up_and_wraps_to_the_width():
     values = {"loss/total": 0.5, "loss/supervised": 0.3, "loss/mixmatch/l2": 0.15, "loss/ns3l/unlabeled": 0.04,
               "loss/ns3l/labeled": 0.01, "train/lr": 0.002}
     items = loss_items(values)
-    assert items[:3] == ["loss 0.5000", "= supervised 0.3000", "+ mixmatch/l2 0.1500"] and items[-1].strip() == "lr 0.002"
+    assert items[:3] == ["loss 0.5000", "= supervised 0.3000", "+ mixmatch/l2 0.1500"]
+    assert items[-1].strip() == "lr 0.002"
     lines = wrap(items, 40)
     assert all(len(line) <= 40 for line in lines) and " ".join(lines).split() == " ".join(items).split()
 
@@ -81,7 +82,8 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
         shown.logged(step, {"loss/total": 1.0, "loss/supervised": 1.0, "train/lr": 0.1})
     shown.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 20 and lines[0].startswith("step 5/100  loss 1.000 = supervised 1.000") and "lr 0.1" in lines[0]
+    assert len(lines) == 20 and lines[0].startswith("step 5/100  loss 1.000 = supervised 1.000")
+    assert "lr 0.1" in lines[0]
     console = (run_dir / "console.log").read_text()
     assert "ssltrain 0." in console and "eval @ 40: top-1" in console and "test accuracy" in console
 
@@ -99,7 +101,15 @@ def test_tensorboard_layout_descriptions_figures_and_hparams(tmp_path):
     assert sorted(scalars + images)[0] == "accuracy/top1"
     assert {"loss/total", "loss/supervised", "loss/pi_model/consistency"} <= set(scalars)
     assert not any(tag.startswith("pi_model/") or tag.startswith("core/") for tag in scalars)
-    assert {"train/lr", "train/samples_per_second", "eval/ece", "eval/nll", "summary/best_test_top1"} <= set(scalars)
+    assert {"train/lr", "train/samples_per_second", "eval/ece", "eval/nll"} <= set(scalars)
+    # HParams: no experiment summary (TensorBoard builds the table over all runs); its first five metric
+    # columns, the scalar tags in order, are the accuracy headlines and the calibration
+    assert sorted(scalars)[:5] == ["accuracy/top1", "accuracy/top1_best", "accuracy/top1_median_last", "eval/ece",
+                                   "eval/nll"]
+    median = run.summary["median_last_test_top1"]
+    assert scalar_values(events, "accuracy/top1_median_last") == [(20, pytest.approx(median))]
+    assert scalar_values(events, "accuracy/top1_best")[-1][1] == pytest.approx(run.summary["best_test_top1"])
+    assert "_hparams_/experiment" not in events.PluginTagToContent("hparams")
     assert {"accuracy/top1_by_class", "accuracy/top1_confusion_matrix"} <= set(images)
     for tag in ["accuracy/top1", "loss/pi_model/consistency", "train/lr"]:
         assert events.SummaryMetadata(tag).summary_description, tag
@@ -112,7 +122,8 @@ def test_tensorboard_layout_descriptions_figures_and_hparams(tmp_path):
         pytest.approx([r["loss/pi_model/consistency"] for r in rows])
     # HParams: the session's settings and the metric columns
     hparams = events.SummaryMetadata("_hparams_/session_start_info").plugin_data
-    assert hparams.plugin_name == "hparams" and b"pi_model.weight" in hparams.content and b"num_labeled" in hparams.content
+    assert hparams.plugin_name == "hparams" and b"pi_model.weight" in hparams.content
+    assert b"num_labeled" in hparams.content
     width, height, _ = events.Tensors("accuracy/top1_confusion_matrix")[-1].tensor_proto.string_val
     assert int(width) >= 400 and int(height) >= 300  # a readable figure, not a 2x2-cell heat map
 
@@ -128,7 +139,8 @@ def test_mixmatch_shows_its_pseudo_labels(tmp_path):
     """A plugin's batch.extras["<plugin>/pseudo_labels"] (guesses for raw_u) becomes a TensorBoard sample grid."""
     run = run_tiny(tmp_path / "run", ["mixmatch"], steps=4, overrides=(
         "data.name=synthetic", "data.options={n_train: 64, n_test: 32, shape: [1, 8, 8], num_classes: 4}",
-        "model.name=small_cnn", "model.options={width: 4}", "data.batch_size=8", "data.unlabeled_batch_size=8", "train.eval_every=2"))
+        "model.name=small_cnn", "model.options={width: 4}", "data.batch_size=8", "data.unlabeled_batch_size=8",
+        "train.eval_every=2"))
     events, scalars, images = tensorboard_run(run.run_dir)
     assert "pseudo_labels/mixmatch" in images and "mixmatch/guess_acc_pct" in scalars
     description = events.SummaryMetadata("mixmatch/guess_acc_pct").summary_description
