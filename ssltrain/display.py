@@ -213,10 +213,11 @@ class Display:
         self._close_live()
         self.line(f"test accuracy ({summary['evaluated_model']} model): {summary['test_top1']:.2f}%   "
                   f"({summary['steps']:,} steps, {duration(summary['wall_seconds'])})")
+        n = summary["median_last_n"]
         self.line(f"best: {summary['best_test_top1']:.2f}% at step {summary['best_step']:,}   median of the last "
-                  f"{summary['median_last_n']} evaluations: {summary['median_last_test_top1']:.2f}%")
+                  f"{n} evaluation{'s' if n > 1 else ''}: {summary['median_last_test_top1']:.2f}%")
         self.line(f"run directory: {run_dir}")
-        self.line("  summary.json metrics.jsonl train.jsonl console.log config.yaml checkpoints/ tb/")
+        self.line("  files: summary.json metrics.jsonl train.jsonl console.log checkpoints/ tb/")
         self.line(f"TensorBoard: tensorboard --logdir {run_dir}")
         return summary
 
