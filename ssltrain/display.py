@@ -277,13 +277,13 @@ def header_lines(trainer) -> list[str]:
             ("steps", f"{tc.steps:,} · eval every {tc.eval_every:,} · log every {tc.log_every:,} · "
                       f"checkpoint every {tc.checkpoint_every:,}"),
             ("run dir", str(trainer.run_dir)),
-            ("watch", f"tensorboard --logdir {trainer.run_dir}"
-                      + (f"   (all runs: --logdir {trainer.run_dir.parent})" if trainer.run_dir.parent.name == "runs"
-                         else "")),
+            ("watch", f"tensorboard --logdir {trainer.run_dir}"),
+            *([("compare", f"tensorboard --logdir {trainer.run_dir.parent}   (every run in it, HParams table)")]
+              if trainer.run_dir.parent.name == "runs" else []),
             *[("note", text) for text in trainer.notes]]
     lines = [f"ssltrain {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})"]
     for label, text in rows:  # wrapped to 80 columns, but for paths and commands (to copy whole)
-        first, *rest = wrap(text.split(" "), 68) if label not in ("run dir", "watch") else [text]
+        first, *rest = wrap(text.split(" "), 68) if label not in ("run dir", "watch", "compare") else [text]
         lines += [f"  {label:<8} {first}", *(f"  {'':<8}   {more}" for more in rest)]
     if trainer.step:
         lines.append(f"resuming from step {trainer.step:,} of {tc.steps:,}")

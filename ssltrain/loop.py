@@ -285,7 +285,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
     checkpoint.check_run_dir(run_dir, resume)
     display = Display(run_dir, config.train.progress) if distributed.is_main_process() else NullLogger()
     with display:
-        display.line(f"ssltrain: run directory {run_dir}; loading {config.data.name} ...")
+        display.header([f"ssltrain: run directory {run_dir}", f"ssltrain: loading {config.data.name} ..."])
         trainer = Trainer(config, run_dir, classes, display, command)
         if resume:
             state = checkpoint.load(checkpoint.find(run_dir))
