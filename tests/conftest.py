@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from ssltrain.testing import TINY, tiny_config
+from ssltrain.tiny import TINY, tiny_config
 
 make_config = tiny_config
 

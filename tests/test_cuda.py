@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ssltrain import all_reduce_mean, checkpoint
 from ssltrain import augment as A
 from ssltrain.loop import Trainer
-from ssltrain.testing import tiny_config
+from ssltrain.tiny import tiny_config
 
 pytestmark = pytest.mark.cuda
 DEVICE = os.environ.get("SSLTRAIN_CUDA_TEST_DEVICE", "cuda")
