@@ -30,6 +30,7 @@ import contextlib
 import csv
 import glob
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -60,6 +61,7 @@ VARIANTS = [  # (name, tools/bench.py arguments, shapes): in priority order, as 
     ("eager fp32 channels_last", ["--amp", "none", "--channels-last"], SHAPES),
     ("eager bf16 contiguous", ["--amp", "bf16", "--no-channels-last"], SHAPES),
 ]
+TRAINING_NEEDS = ["pydantic", "matplotlib"]  # ssltrain's config, and the figures its evaluations draw
 PACKAGES = ["ssltrain", "torch", "torchvision", "triton", "pydantic", "pydantic-core", "matplotlib", "pluggy",
             "PyYAML", "tensorboard", "tqdm", "scipy", "numpy", "pytest", "setuptools"]
 LABELS, SEEDS, MIN_STEPS = [250, 40], [0, 1, 2], 5000
@@ -206,6 +208,14 @@ class Check:
         tail = (self.out / "log.txt").read_text(errors="replace").splitlines()[-n:]
         return ["```", *tail, "```"]
 
+    def needs_training(self) -> None:
+        """Fail a part that trains at once, with the reason, when a module every training imports is missing
+        (instead of spending the part's time on runs that all fail the same way)."""
+        missing = [m for m in TRAINING_NEEDS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeError(f"every training here needs {' and '.join(missing)}, missing on this machine: install "
+                               f"the carried wheels (README, 'Air-gapped GPU nodes'; tools/gpu_run.sh does)")
+
     # --- 1. environment -----------------------------------------------------------------------------
 
     def environment(self, part: Part, deadline: float) -> None:
@@ -304,6 +314,7 @@ class Check:
     # --- 3. throughput ------------------------------------------------------------------------------
 
     def throughput(self, part: Part, deadline: float) -> None:
+        self.needs_training()
         rows: list[dict] = []
         scale = (["--device", "cpu", "--toy", "--steps", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
                   "--compile-backend", "aot_eager"] if self.dry else ["--device", "cuda", "--steps", "40", "--warmup", "10"])
@@ -353,6 +364,7 @@ class Check:
             part.lines = [f"No configs match {self.args.leaderboard_configs!r}."]
             part.status = "skipped (no leaderboard configs)"
             return
+        self.needs_training()
         benchmark = load_tool("benchmark")  # imports ssltrain: fails here, with the reason, if it cannot
         names = {(benchmark.load_yaml(c).get("data") or {}).get("name") for c in configs}
         if names == {"fashion_mnist"}:
