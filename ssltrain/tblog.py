@@ -24,7 +24,8 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: str):
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+        # a resumed run drops what a crashed predecessor logged after its checkpoint (steps > start_step)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.total = total_steps
         self.bar = None
         if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
