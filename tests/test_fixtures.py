@@ -1,15 +1,12 @@
 """The pytest fixtures shipped for plugin authors (`ssltrain.testing`) do what docs/plugins.md says."""
 from __future__ import annotations
 
-import inspect
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from ssltrain import LossTerm, SSLPlugin, hookimpl
-from ssltrain.testing import run_tiny, tiny_config
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -113,17 +110,3 @@ def test_ssl_config_and_ssl_run_take_overrides_the_same_way(ssl_config, ssl_run)
         ssl_config("train.steps=5")
     with pytest.raises(TypeError, match="lists"):
         ssl_run(plugins=["pi_model"], overrides="train.steps=5")
-
-
-def test_the_fixture_signatures_in_the_docs_are_the_real_ones(ssl_run):
-    docs = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
-
-    def plain(fn) -> str:
-        params = inspect.signature(fn).parameters.values()
-        return ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in params)
-
-    assert f"ssl_config({plain(tiny_config)})" in docs
-    assert f"ssl_run({plain(ssl_run)})" in docs
-    assert plain(ssl_run) == plain(run_tiny).removeprefix("run_dir, ")
-    for method in ("resume", "assert_resumes_exactly", "scalars", "plugin", "checkpoint"):
-        assert f"TinyRun.{method}(" in docs or f"run.{method}(" in docs, method

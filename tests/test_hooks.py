@@ -470,3 +470,32 @@ def test_batch_fields_hold_what_the_docs_say(tmp_path):
     assert batch.y_u is None and batch.extras == {}
     supervised = Trainer(make_config(*images, plugins=[]), tmp_path).draw(0)
     assert supervised.x_u.shape[0] == supervised.raw_u.shape[0] == supervised.idx_u.shape[0] == 0
+
+
+def test_a_plugin_is_built_with_its_section_and_named_before_the_first_hook(tmp_path):
+    from ssltrain import Section
+    seen = {}
+
+    class Named(SSLPlugin):
+        class Config(Section):
+            weight: float = 1.0
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            seen["init"] = (self.name, config)
+
+        @hookimpl
+        def ssl_configure(self):
+            seen["configure"] = self.name
+
+    class Bare:  # no base class: any class built as cls(config) with hookimpl methods works
+        def __init__(self, config):
+            self.config = config
+
+        @hookimpl
+        def ssl_step_end(self):
+            pass
+
+    trainer = trainer_with(tmp_path, {"named": Named, "bare": Bare}, named={"weight": 2.0})
+    assert seen["init"][0] == "" and seen["init"][1].weight == 2.0 and seen["configure"] == "named"
+    assert trainer.pm.get_plugin("bare").config is None
