@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ssltrain import ConfigError, LossTerm, Outputs, SSLPlugin, hookimpl
-from ssltrain.defaults import split_rows
 from ssltrain.loop import Trainer, train
 from ssltrain.plugins import discover
+from ssltrain.testing import read_scalars
 
 from conftest import make_config
 
@@ -410,11 +410,11 @@ def test_ssl_metrics_runs_exactly_at_log_steps_and_steps_are_zero_based(tmp_path
             metric_calls.append((ctx.step, ctx.is_log_step))
             return {"when/ctx_step": ctx.step}
 
-    run(tmp_path, {"when": When, "pi_model": discover()["pi_model"]}, steps=10, train={
-        **make_config().train.model_dump(), "steps": 10, "log_every": 5, "eval_every": 3, "checkpoint_every": 3})
+    config = make_config("train.steps=10", "train.log_every=5", "train.eval_every=3", classes={"when": When},
+                         plugins=["when", "pi_model"])
+    train(config, tmp_path, classes={**discover(), "when": When})
     assert log_steps == [4, 9] and metric_calls == [(4, True), (9, True)]
-    from ssltrain.testing import read_scalars
-    scalars = read_scalars(tmp_path / "run")
+    scalars = read_scalars(tmp_path)
     assert scalars["when/ctx_step"] == [(5, 4.0), (10, 9.0)]
     assert [step for step, _ in scalars["loss/total"]] == [3, 5, 6, 9, 10]  # evaluation/checkpoint steps too
 

@@ -13,13 +13,13 @@ import torch
 import ssltrain
 from ssltrain import (CheckpointError, ConfigError, Interrupted, LossTerm, NonFiniteLossError, PluginConflictError,
                       PluginContractError, PluginError, SSLPlugin, checkpoint, hookimpl)
-from ssltrain.defaults import CoreDefaults
 from ssltrain.losses import reduce_term
 from ssltrain.loop import Trainer
-from ssltrain.plugins import build_manager, discover
+from ssltrain.plugins import discover
 from ssltrain.testing import run_tiny, tiny_config
 
 from conftest import make_config
+from test_plugin_manager import PredictA, PredictB, manager
 
 DOCS = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
 
@@ -74,16 +74,6 @@ def test_worked_example_2_a_forward_owning_plugin_runs_and_resumes_exactly(ssl_r
     run.assert_resumes_exactly(at=5)
 
 
-class PredictA(SSLPlugin):
-    @hookimpl
-    def ssl_predict(self, model, x):
-        return model(x)
-
-
-class PredictB(PredictA):
-    pass
-
-
 class Typo(SSLPlugin):
     @hookimpl
     def ssl_unlabelled_loss(self):
@@ -104,11 +94,6 @@ class Explode(SSLPlugin):
     @hookimpl
     def ssl_unlabeled_loss(self, batch):
         return LossTerm("explode/nan", torch.full((batch.x_u.shape[0],), float("nan")))
-
-
-def manager(classes: dict):
-    config = make_config(classes=classes, plugins=list(classes))
-    return build_manager(config, {**discover(), **classes}, CoreDefaults(config))
 
 
 def interrupted(tmp_path):
