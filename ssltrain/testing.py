@@ -15,7 +15,6 @@ interrupted after `at` steps and resumed ends bit-identical to the uninterrupted
 """
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,45 +23,22 @@ import pytest
 import torch
 
 from . import checkpoint
-from .config import RunConfig, apply_overrides, resolve
 from .errors import Interrupted
 from .hookspecs import hookimpl
 from .loop import Trainer
-from .plugins import discover, schemas
+from .plugins import discover
+from .tblog import read_tensorboard, scalar_values
+from .tiny import check_lists, tiny_config
 
-TINY = {
-    "seed": 0,
-    "plugins": [],
-    "data": {"name": "two_moons", "options": {"n_train": 200, "n_test": 200, "noise": 0.1},
-             "num_labeled": 8, "batch_size": 16, "unlabeled_batch_size": 32, "augment": {"noise_std": 0.1}},
-    "model": {"name": "mlp", "options": {"hidden": [16]}},
-    "optim": {"name": "adam", "lr": 0.01},
-    "train": {"steps": 20, "eval_every": 10, "log_every": 5, "ema": 0.9, "cpu_threads": 1, "progress": "lines"},
-}
-
-#: Scalars that measure time, not training: left out of the exactness check.
-TIMING_TAGS = ("core/samples_per_second",)
-
-
-def tiny_config(plugins=(), classes: dict | None = None, overrides=(), **sections) -> RunConfig:
-    """The tiny config with `plugins` enabled, `dotted.key=value` overrides applied and top-level
-    `sections` replaced; `classes` adds plugin classes that are not installed."""
-    _check_lists(plugins, overrides)
-    raw = {**copy.deepcopy(TINY), "plugins": list(plugins), **sections}
-    return resolve(apply_overrides(raw, list(overrides)), schemas({**discover(), **(classes or {})}))
-
-
-def _check_lists(plugins, overrides) -> None:
-    if isinstance(plugins, str) or isinstance(overrides, str):
-        raise TypeError("plugins and overrides are lists: e.g. ssl_run(plugins=['mine'], overrides=['mine.weight=2'])")
+#: Scalars and checkpoint entries that measure time, not training: left out of the exactness check.
+TIMING_TAGS = ("train/steps_per_second", "train/samples_per_second")
+TIMING_STATE = ("seconds", "started_at")
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every TensorBoard scalar of a run directory: tag -> [(step, value), ...]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    events = read_tensorboard(Path(run_dir) / "tb")
+    return {tag: scalar_values(events, tag) for tag in events.PluginTagToContent("scalars")}
 
 
 class _InterruptAfter:
@@ -92,8 +68,10 @@ class TinyRun:
         return self.trainer.pm.get_plugin(name)
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
-        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/loss" (steps are 1-based)."""
-        return read_scalars(self.run_dir).get(tag, [])
+        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/diag" (steps are 1-based); a
+        loss term's name "myplugin/term" also finds its tag "loss/myplugin/term"."""
+        scalars = read_scalars(self.run_dir)
+        return scalars.get(tag, scalars.get(f"loss/{tag}", []))
 
     def checkpoint(self) -> dict:
         """The run's checkpoints/last.pt, loaded on the CPU."""
@@ -135,9 +113,9 @@ class TinyRun:
         resumed = Trainer(config, run_dir, self.classes)
         resumed.load_state_dict(checkpoint.load(run_dir / "checkpoints" / "last.pt"))
         resumed.fit()
-        saved = {k: v for k, v in self.trainer.state_dict().items() if k != "seconds"}
         differences = _scalar_differences(read_scalars(self.run_dir), read_scalars(run_dir), at)
-        differences += _differences(saved, {k: v for k, v in resumed.state_dict().items() if k != "seconds"})
+        differences += _differences(*({k: v for k, v in trainer.state_dict().items() if k not in TIMING_STATE}
+                                      for trainer in (self.trainer, resumed)))
         assert not differences, (
             f"interrupted after step {at} and resumed, the run does not continue exactly; differing from the "
             f"uninterrupted run ({len(differences)}): {', '.join(differences[:12])}. Save all state that later "
@@ -177,7 +155,7 @@ def _scalar_differences(reference: dict, resumed: dict, at: int) -> list[str]:
 def run_tiny(run_dir: Path, plugins=(), classes: dict | None = None, steps: int = 10, overrides=(),
              **sections) -> TinyRun:
     """Train the tiny config with `plugins` enabled for `steps` steps into `run_dir`."""
-    _check_lists(plugins, overrides)
+    check_lists(plugins, overrides)
     classes = {**discover(), **(classes or {})}
     config = tiny_config(plugins, classes, [f"train.steps={steps}", *overrides], **sections)
     trainer = Trainer(config, run_dir, classes)

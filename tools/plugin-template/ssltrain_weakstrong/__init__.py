@@ -18,6 +18,17 @@ from ssltrain import (LossTerm, Outputs, PluginContractError, Section, SSLPlugin
                       split_rows)
 
 
+DESCRIPTIONS = {
+    "consistency": "weight * mean over the unlabeled rows of the strong view's cross-entropy against the weak "
+                   "view's pseudo-label, 0 on rows below the threshold.",
+    "mask_rate": "Fraction of the unlabeled rows whose pseudo-label passes the threshold, in [0, 1].",
+    "pseudo_label_acc_pct": "Share of the kept pseudo-labels that equal the hidden true label, in % (rows of an "
+                            "unknown class excluded).",
+    "kept_class_balance": "C times the smallest class share of all pseudo-labels kept so far: 1 balanced, 0 a "
+                          "class never kept.",
+}
+
+
 def pseudo_labels(logits_weak: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Hard pseudo-labels [B] (argmax of the weak prediction, no gradient) and the float mask [B] of
     the rows whose largest probability is at least `threshold`."""
@@ -42,8 +53,13 @@ class WeakStrong(SSLPlugin):
     """Adds "<name>/consistency": masked cross-entropy of strong views against weak-view pseudo-labels."""
 
     class Config(Section):
-        threshold: float = Field(0.95, gt=0, le=1)  # confidence a pseudo-label needs (fixmatch.py:116)
-        weight: float = Field(1.0, ge=0)  # the term's coefficient, FixMatch's wu
+        threshold: float = Field(0.95, gt=0, le=1, description="Confidence a pseudo-label needs (fixmatch.py:116)")
+        weight: float = Field(1.0, ge=0, description="Coefficient of the consistency term (FixMatch's wu)")
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        """What each TensorBoard tag is, in what unit (shown on its card)."""
+        return {f"{self.name}/{tag}": text for tag, text in DESCRIPTIONS.items()}
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -90,7 +106,7 @@ class WeakStrong(SSLPlugin):
         kept, correct, kept_known, rows = all_reduce_mean(self.counts).unbind()  # every process, same steps
         share = self.kept_per_class / self.kept_per_class.sum().clamp(min=1)
         return {f"{self.name}/mask_rate": kept / rows.clamp(min=1),
-                f"{self.name}/pseudo_label_acc": 100 * correct / kept_known.clamp(min=1),
+                f"{self.name}/pseudo_label_acc_pct": 100 * correct / kept_known.clamp(min=1),
                 f"{self.name}/kept_class_balance": share.min() * share.numel()}  # 1: balanced, 0: a class never kept
 
     @hookimpl
