@@ -95,6 +95,7 @@ class Trainer:
         self.labeled = BatchStream(self.data.labeled_idx, self.batch_l * world, config.seed)
         self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
         self.step = 0
+        self.stop = StopFlag()  # SIGINT/SIGTERM during fit: finish the step, write a checkpoint, raise Interrupted
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
         self.final_eval: dict[str, float] = {}  # the last evaluation's scalars, plugins' included
         self.seconds = {"wall": 0.0, "train": 0.0}
@@ -175,11 +176,10 @@ class Trainer:
         logger.run_config(self.config, hparams(self.config), self.step)
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        stop = StopFlag()
         rows_per_step = (self.batch_l + self.batch_u) * self.dist.world
         t_start = t_log = time.perf_counter()
         steps_since_log, eval_seconds = 0, 0.0
-        with stop, logger, display:
+        with self.stop, logger, display:
             display.start(self.step, tc.steps, tc.eval_every)
             self.model.train()
             for step in range(self.step, tc.steps):
@@ -204,13 +204,13 @@ class Trainer:
                 display.tick(done, sums, steps_since_log, self.optimizer.param_groups[0]["lr"])
                 is_eval = done % tc.eval_every == 0 or done == tc.steps
                 # one process stops at once; several agree at a log step (no per-step collective)
-                stopping = stop.requested if self.dist.world == 1 else is_log and self.dist.any(stop.requested)
+                stopping = self.stop.requested if self.dist.world == 1 else is_log and self.dist.any(self.stop.requested)
                 is_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 if is_log or is_eval or is_ckpt:
                     now = time.perf_counter()
                     values = read_means(sums, first_bad, steps_since_log, self.dist, self.run_dir / "checkpoints")
                     values.update(rates(self.optimizer, steps_since_log, rows_per_step, now - t_log))
-                    for extra in hook.ssl_metrics(result=result, ctx=ctx):
+                    for extra in hook.ssl_metrics(result=result, ctx=ctx) if is_log else ():  # ctx.is_log_step
                         values.update({k: float(v.detach() if torch.is_tensor(v) else v) for k, v in (extra or {}).items()})
                     logger.train_row(done, values)
                     display.logged(done, values)

@@ -90,7 +90,8 @@ class RunLogger:
     def __init__(self, run_dir: Path, start_step: int, total_steps: int, classes: list[str], plugins=None):
         """plugins: the run's plugin manager, whose plugins' `descriptions` describe their tags."""
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step or None)
+        # a resumed run drops what a crashed predecessor logged after its checkpoint (steps > start_step)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.total, self.classes = total_steps, classes
         self.descriptions = descriptions(plugins) if plugins is not None else {}
         self._described: set[str] = set()

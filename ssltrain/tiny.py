@@ -18,8 +18,15 @@ TINY = {
 }
 
 
-def tiny_config(*overrides: str, classes: dict | None = None, **sections) -> RunConfig:
-    """The tiny config with `dotted.key=value` overrides; `sections` replace top-level keys
-    (e.g. plugins=["pi_model"]); `classes` adds plugin classes that are not installed."""
-    raw = {**copy.deepcopy(TINY), **sections}
+def tiny_config(plugins=(), classes: dict | None = None, overrides=(), **sections) -> RunConfig:
+    """The tiny config with `plugins` enabled, `dotted.key=value` overrides applied and top-level
+    `sections` replaced (e.g. `optim={"name": "sgd"}`); `classes` adds plugin classes that are not installed."""
+    check_lists(plugins, overrides)
+    raw = {**copy.deepcopy(TINY), "plugins": list(plugins), **sections}
     return resolve(apply_overrides(raw, list(overrides)), schemas({**discover(), **(classes or {})}))
+
+
+def check_lists(plugins, overrides) -> None:
+    """A clear error for a string where a list belongs (the fixtures' most likely misuse)."""
+    if isinstance(plugins, str) or isinstance(overrides, str):
+        raise TypeError("plugins and overrides are lists: e.g. ssl_run(plugins=['mine'], overrides=['mine.weight=2'])")

@@ -14,7 +14,11 @@ import pytest
 
 from ssltrain.tiny import TINY, tiny_config
 
-make_config = tiny_config
+
+def make_config(*overrides: str, **kwargs):
+    """`tiny_config` with the `dotted.key=value` overrides given positionally (the suite's short form)."""
+    return tiny_config(overrides=overrides, **kwargs)
+
 
 __all__ = ["TINY", "make_config"]
 

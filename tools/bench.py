@@ -93,7 +93,7 @@ def bench_config(shape: str, args, steps: int):
         "pi_model.view=strong", "pi_model.weight=10", "mixmatch.rampup_steps=16384"]
     if args.threads:
         overrides.append(f"train.cpu_threads={args.threads}")
-    config = tiny_config(*overrides, plugins=plugins)
+    config = tiny_config(plugins, overrides=overrides)
     for name in ("pi_model", "mixmatch"):  # keep only the active plugins' sections
         if name not in plugins:
             config.plugin_configs.pop(name, None)
