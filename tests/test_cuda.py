@@ -34,11 +34,11 @@ def device() -> torch.device:
 
 def image_config(device, *overrides, plugins=("mixmatch",)):
     """A small image run: 16x16 RGB synthetic data, a width-8 small CNN, MixMatch, 6 steps."""
-    return tiny_config("data.name=synthetic", "data.options={n_train: 256, n_test: 64, shape: [3, 16, 16]}",
-                       "data.num_labeled=40", "data.batch_size=16", "data.unlabeled_batch_size=16",
-                       "data.augment={pad: 2}", "model.name=small_cnn", "model.options={width: 8}",
-                       f"train.device={device}", "train.steps=6", "train.eval_every=3", "train.log_every=3",
-                       "mixmatch.rampup_steps=2", *overrides, plugins=list(plugins))
+    return tiny_config(list(plugins), overrides=[
+        "data.name=synthetic", "data.options={n_train: 256, n_test: 64, shape: [3, 16, 16]}", "data.num_labeled=40",
+        "data.batch_size=16", "data.unlabeled_batch_size=16", "data.augment={pad: 2}", "model.name=small_cnn",
+        "model.options={width: 8}", f"train.device={device}", "train.steps=6", "train.eval_every=3",
+        "train.log_every=3", "mixmatch.rampup_steps=2", *overrides])
 
 
 def first_loss(trainer: Trainer) -> float:
