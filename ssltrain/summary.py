@@ -46,7 +46,7 @@ def write_summary(trainer) -> dict:
                "median_last_test_top1": statistics.median(t for _, t in window), "median_last_n": len(window),
                "median_last_steps": [int(window[0][0]), int(window[-1][0])],
                "evaluated_model": "ema" if trainer.ema is not None else "online",
-               "steps": trainer.step, "wall_seconds": trainer.seconds["wall"],
+               "steps": trainer.step, "wall_seconds": trainer.seconds["wall"], "train_seconds": trainer.seconds["train"],
                "train_samples_per_second": trainer.step * rows / max(trainer.seconds["train"], 1e-9),
                "seed": config.seed, "dataset": config.data.name, "plugins": list(config.plugins),
                "num_labeled": len(trainer.data.labeled_idx), "num_classes": trainer.data.num_classes,

@@ -29,7 +29,7 @@ def test_run_directory_contents(tmp_path):
     assert len(json.loads((run / "labeled_indices.json").read_text())) == 8
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
-    for key in ["test_top1", "best_test_top1", "median_last_test_top1", "steps", "wall_seconds",
+    for key in ["test_top1", "best_test_top1", "median_last_test_top1", "steps", "wall_seconds", "train_seconds",
                 "train_samples_per_second"]:
         assert key in summary
     assert summary["steps"] == 20 and summary["test_top1"] == evals[-1]["top1"]
