@@ -64,8 +64,10 @@ def ssl_modify_batch(batch, ctx):
 def ssl_forward(model, batch, ctx, forward):
     """Run the model on the batch and return `Outputs`. One owner.
 
-    forward(x, update_bn=True): the model call to use (functional during a virtual step);
-    it returns a dict with "logits" and any other per-row outputs.
+    forward(x, update_bn=True, autocast=True): the model call to use (functional during a virtual
+    step); it returns a dict with "logits" and any other per-row outputs. autocast=False runs the
+    call in float32 even under `train.amp` (for numerically delicate forwards, e.g. VAT's finite
+    differences).
     Core default: one forward over cat(x_l, x_u), split back into labeled and unlabeled rows.
     """
 
