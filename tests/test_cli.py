@@ -41,7 +41,7 @@ def test_config_prints_resolved_config(cfg, capsys):
     assert resolved["plugins"] == [] and resolved["data"]["num_labeled"] == 250
     assert "pi_model" not in resolved and resolved["train"]["checkpoint_every"] == 10
     assert main(["config", str(cfg)]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["pi_model"]["weight"] == 10.0  # active: defaults shown
+    assert yaml.safe_load(capsys.readouterr().out)["pi_model"]["weight"] == 20.0  # active: defaults shown
 
 
 @pytest.mark.parametrize("args, message", [
@@ -68,7 +68,7 @@ def test_plugins_lists_every_builtin_with_hooks(capsys):
     names = {line.split()[0] for line in lines}
     assert set(discover()) <= names
     pi = next(line for line in lines if line.startswith("pi_model "))
-    assert "ssl_unlabeled_loss" in pi and "weight=10.0" in pi and "ssltrain" in pi
+    assert "ssl_unlabeled_loss" in pi and "weight=20.0" in pi and "ssltrain" in pi
 
 
 def test_hooks_command_lists_every_hook(capsys):
