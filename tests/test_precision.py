@@ -81,3 +81,33 @@ def test_bf16_step_points_where_the_float32_step_does(name):
     if cos_terms is not None:
         assert any(v != 0 for v in own.values()), f"{name}: every own term is 0, the check would be empty: {own}"
         assert cos_terms >= MIN_COSINE, f"{name}: cosine of its own terms' gradients {cos_terms:.4f} ({own})"
+
+
+# --- bad input: values that cannot work in float32 are startup errors naming key, value and bound ---------------
+
+def test_vat_xi_below_float32_resolution_is_a_startup_error():
+    from ssltrain import ConfigError
+    from ssltrain_plugins.vat import FLOAT32_EPS, normalize_rows
+    x = torch.linspace(1, 3, 784).view(1, -1)
+    d = normalize_rows(torch.randn(1, 784))
+    assert torch.equal(x + 0.9 * FLOAT32_EPS * d, x) and not torch.equal(x + 20 * FLOAT32_EPS * d, x)
+    with pytest.raises(ConfigError, match=r"vat\.xi=1e-08 is below float32's resolution 2\^-23 = 1\.19e-07"):
+        Trainer(make_config("vat.xi=1e-8", plugins=["vat"]), "unused")
+    Trainer(make_config("vat.xi=1e-6", plugins=["vat"]), "unused")  # the official value passes
+
+
+def test_mixmatch_temperature_that_underflows_the_guess_is_a_startup_error():
+    from ssltrain import ConfigError
+    from ssltrain_plugins.mixmatch import min_temperature, sharpen
+    bound = min_temperature(4)
+    uniform = torch.full((1, 4), 0.25)
+    assert torch.isfinite(sharpen(uniform, 1.01 * bound)).all() and torch.isnan(sharpen(uniform, 0.5 * bound)).all()
+    with pytest.raises(ConfigError, match=r"mixmatch\.T=0\.01 is below 0\.01587 = ln\(C\) / 87\.3 for C = 4"):
+        Trainer(make_config(*IMAGES, "mixmatch.T=0.01", plugins=["mixmatch"]), "unused")
+
+
+@pytest.mark.parametrize("override", ["vat.weight=.inf", "pi_model.weight=.nan", "mixmatch.lambda_u=.inf"])
+def test_infinite_or_nan_settings_are_rejected(override):
+    from ssltrain import ConfigError
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: Input should be a finite number"):
+        make_config(override, plugins=[override.split(".")[0]])
