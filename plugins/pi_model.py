@@ -15,7 +15,8 @@ cross-entropy of the labeled rows at their equal labeled/unlabeled batches:
   the flag default 10, pi_model.py:107), a linear ramp over the first 40% of training (pi_model.py:41, 108).
 Here: the term is a mean over the unlabeled rows, `weight` is its coefficient against the labeled mean
 (default 20, equal to both at equal batch sizes), ramped with exp(-5 (1 - t)^2) (Oliver et al.'s shape)
-over `rampup_steps`, by default 40% of `train.steps` (both references' 40%).
+over `rampup_steps`, by default 40% of `train.steps` (both references' 40%). That default follows
+`train.steps`, like a cosine lr schedule: to extend a run with --resume, set `rampup_steps` explicitly.
 """
 from __future__ import annotations
 
