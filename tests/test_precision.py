@@ -76,6 +76,8 @@ def cosines(name: str, classes: dict | None = None) -> tuple[float, float | None
 @pytest.mark.parametrize("name", sorted(discover()))
 def test_bf16_step_points_where_the_float32_step_does(name):
     cos_update, cos_terms, values = cosines(name)
+    own = 'none' if cos_terms is None else f'{cos_terms:.4f}'
+    print(f"{name}: cosine of the updates {cos_update:.4f}, of its own terms' gradients {own}")  # pytest -s
     assert cos_update >= MIN_COSINE, f"{name}: update cosine {cos_update:.4f} (terms {values})"
     own = {k: v for k, v in values.items() if k != "supervised"}
     if cos_terms is not None:
