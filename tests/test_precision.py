@@ -28,6 +28,7 @@ SETTINGS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "ds3l": (["pi_model", "ds3l"], IMAGES),  # weights the unlabeled terms of another plugin
     "ns3l": (["ns3l"], (*IMAGES, "ns3l.threshold=0.2")),  # T < 1/C = 0.25 that a fresh model's rows cross
     "flowgmm": (["flowgmm"], ()),  # a flow: the tiny two-moons vectors
+    "sla": (["sla"], (*IMAGES, "sla.sd=true")),  # with its self-distillation terms
 }
 
 
