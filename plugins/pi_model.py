@@ -40,10 +40,20 @@ def consistency_mse(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.
 class PiModel(SSLPlugin):
     """Adds "pi_model/consistency": weight * ramp(step) * mean over unlabeled samples of Omega."""
 
+    descriptions = {"pi_model/consistency": "weight * ramp * mean over the unlabeled rows of (1/C)||softmax(view 2) "
+                                            "- softmax(view 1)||^2."}
+
     class Config(Section):
-        weight: float = Field(20.0, ge=0)  # coefficient against the labeled mean CE after the ramp (references: 20)
-        rampup_steps: int | None = Field(None, ge=0)  # exp(-5 (1 - t)^2) ramp in steps; None: 40% of train.steps; 0: none
-        view: Literal["weak", "strong"] = "weak"  # augmentation of the second view
+        weight: float = Field(20.0, ge=0, description="Coefficient against the labeled mean cross-entropy after the "
+                                                     "ramp-up (Oliver et al., google-research/mixmatch: 20)")
+        rampup_steps: int | None = Field(None, ge=0, description="exp(-5 (1 - t)^2) ramp-up length in steps; None: 40% "
+                                                                 "of train.steps; 0: no ramp")
+        view: Literal["weak", "strong"] = Field("weak", description="Augmentation of the second view")
+
+    def describe(self) -> str:
+        c = self.config
+        ramp = "40% of train.steps" if c.rampup_steps is None else f"{c.rampup_steps} steps"
+        return f"pi_model/consistency x {c.weight:g} after a sigmoid ramp-up over {ramp}; view={c.view}"
 
     def rampup_steps(self, total_steps: int) -> int:
         steps = self.config.rampup_steps

@@ -2,8 +2,12 @@
 (`ssltrain.testing`, registered through the `pytest11` entry point), the same ones plugin authors use."""
 from __future__ import annotations
 
-from ssltrain.testing import TINY, tiny_config
+from ssltrain.tiny import TINY, tiny_config
 
-make_config = tiny_config
+
+def make_config(*overrides: str, **kwargs):
+    """`tiny_config` with the `dotted.key=value` overrides given positionally (the suite's short form)."""
+    return tiny_config(overrides=overrides, **kwargs)
+
 
 __all__ = ["TINY", "make_config"]

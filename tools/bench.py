@@ -38,7 +38,7 @@ from ssltrain.loop import Trainer
 from ssltrain.models import build_backbone
 from ssltrain.optim import EMA, frozen_bn
 from ssltrain.plugins import discover
-from ssltrain.testing import tiny_config
+from ssltrain.tiny import tiny_config
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 SHAPES = {  # name: (model, model options, image shape, labeled, unlabeled, plugins)
@@ -62,7 +62,7 @@ def bench_config(shape: str, args, steps: int):
         "pi_model.view=strong", "pi_model.weight=10", "mixmatch.rampup_steps=16384"]
     if args.threads:
         overrides.append(f"train.cpu_threads={args.threads}")
-    config = tiny_config(*overrides, plugins=plugins)
+    config = tiny_config(plugins, overrides=overrides)
     for name in ("pi_model", "mixmatch"):  # keep only the active plugins' sections
         if name not in plugins:
             config.plugin_configs.pop(name, None)
