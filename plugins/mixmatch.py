@@ -19,6 +19,7 @@ predictions and p_labeled the class marginal of the labeled rows seen so far.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -37,6 +38,13 @@ def sharpen(p: Tensor, T: float) -> Tensor:
     T = 1 is the identity; T < 1 lowers the entropy, keeping argmax and ranking."""
     p = p.pow(1.0 / T)
     return p / p.sum(-1, keepdim=True)
+
+
+def min_temperature(num_classes: int) -> float:
+    """The smallest T for which Sharpen (in float32) keeps any distribution over C classes finite: its largest
+    probability is >= 1/C, and (1/C)^(1/T) must stay above float32's smallest normal number (e^-87.3),
+    otherwise every p^(1/T) underflows to 0 and the guess is 0/0 = NaN."""
+    return math.log(num_classes) / -math.log(torch.finfo(torch.float32).tiny)
 
 
 def guess_labels(probs: list[Tensor], T: float) -> Tensor:
@@ -150,6 +158,15 @@ class MixMatch(SSLPlugin):
                               f"K * data.unlabeled_batch_size ({k} * {data.unlabeled_batch_size}) must be a multiple "
                               f"of data.batch_size ({data.batch_size}); change the batch sizes or use "
                               f"mixmatch.bn_mode=concat")
+
+    @hookimpl(wrapper=True)
+    def ssl_build_model(self, num_classes):
+        bound = min_temperature(num_classes)
+        if self.config.T < bound:
+            raise ConfigError(f"mixmatch.T={self.config.T:g} is below {bound:.4g} = ln(C) / 87.3 for C = {num_classes} "
+                              f"classes: sharpening raises probabilities to 1/T in float32, where every guess would "
+                              f"underflow to 0/0; use mixmatch.T >= {bound:.4g} (official: 0.5)")
+        return (yield)
 
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):

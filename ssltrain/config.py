@@ -17,9 +17,10 @@ from .errors import ConfigError
 
 
 class Section(BaseModel):
-    """Base for every config section (core and plugins): unknown keys are errors."""
+    """Base for every config section (core and plugins): unknown keys are errors, and so are
+    infinite or NaN numbers (a weight, temperature or step of inf/nan cannot train in any precision)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ClassMismatch(Section):

@@ -66,12 +66,14 @@ def ssl_modify_batch(batch, ctx):
 def ssl_forward(model, batch, ctx, forward):
     """Run the model on the batch and return `Outputs`, every model output split into its rows.
 
-    One owner. forward(x, update_bn=True) is the model call to use (a functional call during a
-    virtual step, the DDP model under torchrun); it always returns a dict: "logits" and the model's
-    other per-row outputs. Return `logits_l` row-aligned with `batch.x_l`, `logits_u` with
-    `batch.x_u`, and every other key of the model's output split the same way into `extras_l` /
-    `extras_u` (other plugins read them); add your own entries as "<plugin>/<name>". Returning None
-    defers to the core default: one forward over cat(x_l, x_u), split by `ssltrain.split_rows`.
+    One owner. forward(x, update_bn=True, autocast=True) is the model call to use (a functional call
+    during a virtual step, the DDP model under torchrun); it always returns a dict: "logits" and the
+    model's other per-row outputs; autocast=False runs the call in float32 even under `train.amp` (for
+    numerically delicate forwards, e.g. VAT's finite differences). Return `logits_l` row-aligned with
+    `batch.x_l`, `logits_u` with `batch.x_u`, and every other key of the model's output split the same
+    way into `extras_l` / `extras_u` (other plugins read them); add your own entries as
+    "<plugin>/<name>". Returning None defers to the core default: one forward over cat(x_l, x_u),
+    split by `ssltrain.split_rows`.
     """
 
 

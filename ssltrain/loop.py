@@ -107,8 +107,9 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    def autocast(self, enabled: bool = True):
+        """`train.amp`'s autocast; enabled=False forces float32 even inside an outer autocast."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled and self.amp_dtype is not None)
 
     def predict(self, model, x):
         with self.autocast():
@@ -140,8 +141,8 @@ class Trainer:
         with copied buffers, so that a virtual step changes nothing in the real model."""
         buffers = None if params is None else {n: b.clone() for n, b in self.model.named_buffers()}
 
-        def forward(x, update_bn: bool = True) -> dict:
-            with self.autocast(), (contextlib.nullcontext() if update_bn else frozen_bn(self.model)):
+        def forward(x, update_bn: bool = True, autocast: bool = True) -> dict:
+            with self.autocast(autocast), (contextlib.nullcontext() if update_bn else frozen_bn(self.model)):
                 out = self.train_model(x) if params is None else functional_call(self.model, (params, buffers), (x,))
             return out if isinstance(out, dict) else {"logits": out}
         return forward

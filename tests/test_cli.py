@@ -26,7 +26,7 @@ def test_train_eval_and_resume(cfg, tmp_path, capsys):
     printed = capsys.readouterr().out
     header = printed[:printed.index("step ")]  # the startup header comes before the first progress line
     for part in ["device   cpu", "two_moons: 2 classes", "8 labeled", "mlp: ", "parameters",
-                 "pi_model: pi_model/consistency x 10", f"tensorboard --logdir {out}"]:
+                 "pi_model: pi_model/consistency x 20", f"tensorboard --logdir {out}"]:
         assert part in header, part
     assert "test accuracy (ema model)" in printed and f"TensorBoard: tensorboard --logdir {out}" in printed
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
@@ -63,7 +63,7 @@ def test_config_prints_resolved_config(cfg, capsys):
     assert resolved["plugins"] == [] and resolved["data"]["num_labeled"] == 250
     assert "pi_model" not in resolved and resolved["train"]["checkpoint_every"] == 10
     assert main(["config", str(cfg)]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["pi_model"]["weight"] == 10.0  # active: defaults shown
+    assert yaml.safe_load(capsys.readouterr().out)["pi_model"]["weight"] == 20.0  # active: defaults shown
 
 
 @pytest.mark.parametrize("args, message", [
@@ -105,7 +105,7 @@ def test_refused_resume_names_the_keys_and_values(cfg, tmp_path, capsys):
                  "--set", "pi_model.weight=3", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "data.num_labeled: 8 in the checkpoint, 10 now" in err
-    assert "pi_model.weight: 10.0 in the checkpoint, 3.0 now" in err
+    assert "pi_model.weight: 20.0 in the checkpoint, 3.0 now" in err
 
 
 def test_config_notes_settings_that_are_probably_not_meant(cfg, capsys):
@@ -178,7 +178,7 @@ def test_plugins_lists_every_builtin_with_hooks(capsys):
     names = {line.split()[0] for line in lines}
     assert set(discover()) <= names
     pi = next(line for line in lines if line.startswith("pi_model "))
-    assert "ssl_unlabeled_loss" in pi and "weight=10.0" in pi and "ssltrain" in pi
+    assert "ssl_unlabeled_loss" in pi and "weight=20.0" in pi and "ssltrain" in pi
 
 
 def test_hooks_command_prints_whole_first_sentences(capsys):

@@ -98,6 +98,20 @@ def test_plugin_weights_normalized_or_the_papers_raw_form(tmp_path, normalize):
     torch.testing.assert_close(loss.weights, raw / raw.mean() if normalize else raw)
 
 
+def test_the_virtual_step_weights_see_the_live_prediction_the_real_step_a_detached_one(tmp_path):
+    """guolz-ml/DS3L train.py:113 (virtual step: wnet(out.softmax(1)), out not detached) and 140-141 (no_grad)."""
+    trainer = trainer_for(tmp_path)
+    batch, ctx, closure = first_step(trainer)
+    plugin, params = trainer.pm.get_plugin("ds3l"), dict(trainer.model.named_parameters())
+    plugin._ensure_meta_net(ctx)
+    plugin._in_meta_step = True
+    meta = closure(params=params)
+    plugin._in_meta_step = False
+    grads = torch.autograd.grad(meta.weights[0], list(params.values()), allow_unused=True)  # one row: sum is constant
+    assert any(g is not None and bool((g != 0).any()) for g in grads)  # the weights depend on θ
+    assert not closure().weights.requires_grad
+
+
 def test_the_real_update_has_no_grad_path_into_the_meta_net(tmp_path):
     trainer = trainer_for(tmp_path)
     batch, ctx, closure = first_step(trainer)
@@ -266,7 +280,8 @@ def test_mixmatch_with_ds3l_trains(tmp_path):
 
 def test_meta_net_and_its_optimizer_survive_a_resume(tmp_path):
     def config(steps):
-        return make_config(f"train.steps={steps}", "ds3l.meta_lr=0.01", plugins=["pi_model", "ds3l"])
+        return make_config(f"train.steps={steps}", "ds3l.meta_lr=0.01", "pi_model.rampup_steps=0",  # not 40% of steps
+                           plugins=["pi_model", "ds3l"])
 
     train(config(20), tmp_path / "straight")
     train(config(10), tmp_path / "resumed")

@@ -63,9 +63,10 @@ def test_supervised_baseline_draws_no_unlabeled_data(tmp_path):
 @pytest.mark.parametrize("plugins", [[], ["pi_model"]])
 def test_resume_continues_exactly(tmp_path, plugins):
     """A run stopped at step 10 and resumed ends with the same weights as an uninterrupted run."""
-    full = make_config("train.steps=20", "train.checkpoint_every=10", "model.options.dropout=0.2", plugins=plugins)
+    ramp = ["pi_model.rampup_steps=5"] if plugins else []  # a fixed length: the default follows train.steps
+    full = make_config("train.steps=20", "train.checkpoint_every=10", "model.options.dropout=0.2", *ramp, plugins=plugins)
     train(full, tmp_path / "full")
-    half = make_config("train.steps=10", "train.checkpoint_every=10", "model.options.dropout=0.2", plugins=plugins)
+    half = make_config("train.steps=10", "train.checkpoint_every=10", "model.options.dropout=0.2", *ramp, plugins=plugins)
     train(half, tmp_path / "resumed")
     summary = train(full, tmp_path / "resumed", resume=True)
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")
