@@ -212,8 +212,8 @@ class FlowGMM(SSLPlugin):
         likelihood_mean: Literal["all_rows", "per_set"] = "all_rows"  # one NLL mean over L+U rows (image code)
         # or separate means over L and U rows (tabular code); see the module docstring
         unlabeled_weight: float = Field(1.0, ge=0)  # weight of -log p(x) of unlabeled rows; 0: FlowGMM-Sup
-        consistency_weight: float = Field(0.0, ge=0)  # FlowGMM-cons (1.0 in the image code's runs); 0: off
-        consistency_rampup_steps: int = Field(0, ge=0)  # official linear ramp (R epochs x steps per epoch)
+        consistency_weight: float = Field(1.0, ge=0)  # FlowGMM-cons: the image code's default 1; 0: plain FlowGMM
+        consistency_rampup_steps: int = Field(0, ge=0)  # R epochs x steps per epoch (script default 1 epoch: none)
         consistency_view: Literal["weak", "strong"] = "weak"  # the view x2 whose argmax is the target
         means: Literal["random", "balanced", "opposite"] = "balanced"  # fixed class means, see make_means
         mean_scale: float = Field(1.0, gt=0)  # random/balanced: std of the means; opposite: their distance

@@ -21,7 +21,7 @@ from ssltrain_plugins.flows import (ConditionerResNet, ImageCoupling, ImageRealN
 
 from conftest import make_config
 
-SMALL = {"couplings": 2, "hidden": 16, "mean_scale": 4.0, "means": "opposite"}
+SMALL = {"couplings": 2, "hidden": 16, "mean_scale": 4.0, "means": "opposite", "consistency_weight": 0.0}
 
 
 @pytest.fixture(autouse=True)
