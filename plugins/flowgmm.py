@@ -206,26 +206,48 @@ class FlowGMM(SSLPlugin):
 
     incompatible = {"sla": "SLA widens/wraps the classifier head, but FlowGMM's classifier is the latent Gaussian "
                            "mixture of its flow (there is no linear head to widen)"}
+    descriptions = {
+        "flowgmm/nll": "The unlabeled rows' share of the -log p(x) mean, in nats: unlabeled_weight * n_u / (n_l + n_u) "
+                       "* their mean (all_rows) or unlabeled_weight * their mean (per_set).",
+        "flowgmm/consistency": "The unlabeled rows' share of consistency_weight * ramp * mean of -log p(x1 | y2), y2 "
+                               "= argmax p(y | view 2), in nats (the labeled rows' share is in the supervised loss).",
+        "flowgmm/bpd": "Bits per dimension of the batch (training) or of eval_bpd_rows test rows (at evaluation); "
+                       "lower is a better density.",
+        "flowgmm/class_regions": "2-D data: the classes the flow's Gaussian mixture assigns over the input plane, "
+                                 "labeled points in colour, unlabeled in grey.",
+        "flowgmm/latent_space": "2-D data: the points in the flow's latent space with the fixed class means.",
+        "flowgmm/class_samples": "Images: samples from each class's Gaussian (one row per class).",
+    }
 
     class Config(Section):
-        label_weight: float = Field(3.0, ge=0)  # w_lab on CE of labeled rows (3: image code; 1 + per_set: tabular)
-        likelihood_mean: Literal["all_rows", "per_set"] = "all_rows"  # one NLL mean over L+U rows (image code)
-        # or separate means over L and U rows (tabular code); see the module docstring
-        unlabeled_weight: float = Field(1.0, ge=0)  # weight of -log p(x) of unlabeled rows; 0: FlowGMM-Sup
-        consistency_weight: float = Field(1.0, ge=0)  # FlowGMM-cons: the image code's default 1; 0: plain FlowGMM
-        consistency_rampup_steps: int = Field(0, ge=0)  # R epochs x steps per epoch (script default 1 epoch: none)
-        consistency_view: Literal["weak", "strong"] = "weak"  # the view x2 whose argmax is the target
-        means: Literal["random", "balanced", "opposite"] = "balanced"  # fixed class means, see make_means
-        mean_scale: float = Field(1.0, gt=0)  # random/balanced: std of the means; opposite: their distance
-        mean_direction: list[float] | None = None  # opposite: the axis of +-mu ([D] values); None: random
-        couplings: int = Field(6, ge=1)  # vectors: number of affine couplings
-        hidden: int = Field(256, ge=1)  # vectors: width of the coupling MLPs
-        dropout: float = Field(0.0, ge=0, lt=1)  # vectors: dropout in the coupling MLPs (0.5 in the official code)
-        scales: int = Field(2, ge=1)  # images: RealNVP scales
-        mid_channels: int = Field(64, ge=1)  # images: conditioner width of the first couplings (doubled later)
-        res_blocks: int = Field(8, ge=1)  # images: residual blocks per conditioner
-        sample_temperature: float = Field(0.7, gt=0)  # images: latent std of the logged class samples
-        eval_bpd_rows: int = Field(2000, ge=1)  # test rows used for the test bits per dimension
+        label_weight: float = Field(3.0, ge=0, description="w_lab on the CE of labeled rows (3: image code; 1 with "
+                                                           "per_set: the tabular code's -log p(x, y))")
+        likelihood_mean: Literal["all_rows", "per_set"] = Field(
+            "all_rows", description="all_rows: one -log p(x) mean over labeled + unlabeled rows (image code); per_set: "
+                                    "separate means (tabular code); see the module docstring")
+        unlabeled_weight: float = Field(1.0, ge=0, description="Weight of -log p(x) of unlabeled rows; 0: FlowGMM-Sup "
+                                                               "(no unlabeled rows drawn)")
+        consistency_weight: float = Field(1.0, ge=0, description="FlowGMM-cons, on all rows (the image code's default "
+                                                                 "1); 0: plain FlowGMM")
+        consistency_rampup_steps: int = Field(0, ge=0, description="Official linear ramp, in steps: R epochs x steps "
+                                                                   "per epoch (the script's default, 1 epoch: none)")
+        consistency_view: Literal["weak", "strong"] = Field("weak", description="The view x2 whose argmax is the "
+                                                                                "target")
+        means: Literal["random", "balanced", "opposite"] = Field(
+            "balanced", description="Fixed class means, see make_means (balanced: centred on the first batch)")
+        mean_scale: float = Field(1.0, gt=0, description="Random/balanced: std of the means; opposite: their distance")
+        mean_direction: list[float] | None = Field(None, description="Opposite: the axis of +-mu ([D] values); None: "
+                                                                     "random")
+        couplings: int = Field(6, ge=1, description="Vectors: number of affine couplings")
+        hidden: int = Field(256, ge=1, description="Vectors: width of the coupling MLPs")
+        dropout: float = Field(0.0, ge=0, lt=1, description="Vectors: dropout in the coupling MLPs (0.5 in the "
+                                                            "official code)")
+        scales: int = Field(2, ge=1, description="Images: RealNVP scales")
+        mid_channels: int = Field(64, ge=1, description="Images: conditioner width of the first 3 couplings, doubled "
+                                                        "after (the paper's 64/128)")
+        res_blocks: int = Field(8, ge=1, description="Images: residual blocks per conditioner (8 in the paper)")
+        sample_temperature: float = Field(0.7, gt=0, description="Images: latent std of the logged class samples")
+        eval_bpd_rows: int = Field(2000, ge=1, description="Test rows used for the test bits per dimension")
 
     def __init__(self, config=None):
         super().__init__(config)

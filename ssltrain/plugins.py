@@ -31,14 +31,40 @@ class SSLPlugin:
     `ssl_unlabeled_loss` makes the run draw unlabeled batches, unless its `uses_unlabeled` is
     False (e.g. an optional unlabeled term switched off in its config). `incompatible` maps the
     names of plugins it cannot run with to the reason; listing both stops the run at startup.
+
+    What users see (README, "What you see"): `descriptions` maps the plugin's TensorBoard names (its
+    diagnostics "<plugin>/<name>", loss terms "<plugin>/<term>", evaluation scalars) to a sentence that
+    says what the value is and its unit, shown on the TensorBoard card; `describe()` is the plugin's line
+    in the startup header.
     """
 
     Config = None
     name: str = ""
     incompatible: dict[str, str] = {}
+    descriptions: dict[str, str] = {}
 
     def __init__(self, config=None):
         self.config = config
+
+    def describe(self) -> str:
+        """One line for the startup header: the loss terms the plugin adds and their effective weights.
+        Default: the plugin's settings, "key value, ..."."""
+        return settings_text(self.config)
+
+
+def settings_text(config) -> str:
+    """"key value, ..." of a config section ("no settings" for None)."""
+    if config is None:
+        return "no settings"
+    return ", ".join(f"{k} {v}" for k, v in config.model_dump().items())
+
+
+def descriptions(pm: pluggy.PluginManager) -> dict[str, str]:
+    """The `descriptions` of every registered plugin, merged (TensorBoard tag name -> sentence)."""
+    out: dict[str, str] = {}
+    for plugin in pm.get_plugins():
+        out.update(getattr(plugin, "descriptions", None) or {})
+    return out
 
 
 def discover() -> dict[str, type]:

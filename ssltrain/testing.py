@@ -11,33 +11,16 @@ instances, and `resume(steps)` to check that plugin state survives a checkpoint 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from . import checkpoint
-from .config import RunConfig, apply_overrides, resolve
 from .loop import Trainer
-from .plugins import discover, schemas
-
-TINY = {
-    "seed": 0,
-    "plugins": [],
-    "data": {"name": "two_moons", "options": {"n_train": 200, "n_test": 200, "noise": 0.1},
-             "num_labeled": 8, "batch_size": 16, "unlabeled_batch_size": 32, "augment": {"noise_std": 0.1}},
-    "model": {"name": "mlp", "options": {"hidden": [16]}},
-    "optim": {"name": "adam", "lr": 0.01},
-    "train": {"steps": 20, "eval_every": 10, "log_every": 5, "ema": 0.9, "cpu_threads": 1, "progress": "lines"},
-}
-
-
-def tiny_config(*overrides: str, classes: dict | None = None, **sections) -> RunConfig:
-    """The tiny config with `dotted.key=value` overrides; `sections` replace top-level keys
-    (e.g. plugins=["pi_model"]); `classes` adds plugin classes that are not installed."""
-    raw = {**copy.deepcopy(TINY), **sections}
-    return resolve(apply_overrides(raw, list(overrides)), schemas({**discover(), **(classes or {})}))
+from .plugins import discover
+from .tblog import read_tensorboard, scalar_values
+from .tiny import tiny_config
 
 
 @dataclass
@@ -52,11 +35,11 @@ class TinyRun:
         return self.trainer.pm.get_plugin(name)
 
     def scalars(self, tag: str) -> list[tuple[int, float]]:
-        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/loss"."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        events = EventAccumulator(str(self.run_dir / "tb"), size_guidance={"scalars": 0})
-        events.Reload()
-        return [(e.step, e.value) for e in events.Scalars(tag)]
+        """(step, value) pairs logged to TensorBoard under `tag`, e.g. "myplugin/diag"; a loss term's name
+        "myplugin/term" also finds its tag "loss/myplugin/term"."""
+        events = read_tensorboard(self.run_dir / "tb")
+        tags = events.PluginTagToContent("scalars")
+        return scalar_values(events, tag if tag in tags or f"loss/{tag}" not in tags else f"loss/{tag}")
 
     def checkpoint(self) -> dict:
         return checkpoint.load(self.run_dir / "checkpoints" / "last.pt")

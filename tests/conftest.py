@@ -2,7 +2,7 @@
 (`ssltrain.testing`, registered through the `pytest11` entry point), the same ones plugin authors use."""
 from __future__ import annotations
 
-from ssltrain.testing import TINY, tiny_config
+from ssltrain.tiny import TINY, tiny_config
 
 make_config = tiny_config
 

@@ -281,7 +281,7 @@ def test_hook_ssl_predict(tmp_path):
 
 
 def test_hook_ssl_metrics(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ssltrain.tblog import read_tensorboard, scalar_values
 
     class Diag(SSLPlugin):
         @hookimpl
@@ -290,13 +290,11 @@ def test_hook_ssl_metrics(tmp_path):
             return {"diag/batch_u": result.loss.outputs.logits_u.shape[0], "diag/loss": result.loss.total}
 
     run(tmp_path, {"diag": Diag, "pi_model": discover()["pi_model"]}, steps=10)
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    assert {"diag/batch_u", "diag/loss", "pi_model/consistency", "loss/supervised", "loss/total",
-            "core/lr", "eval/top1"} <= set(tags)
-    assert [e.step for e in events.Scalars("diag/batch_u")] == [5, 10]
-    assert events.Scalars("diag/batch_u")[0].value == 32
+    events = read_tensorboard(tmp_path / "run" / "tb")
+    tags = events.PluginTagToContent("scalars")
+    assert {"diag/batch_u", "diag/loss", "loss/pi_model/consistency", "loss/supervised", "loss/total",
+            "train/lr", "accuracy/top1"} <= set(tags)
+    assert scalar_values(events, "diag/batch_u") == [(5, 32.0), (10, 32.0)]
 
 
 def test_hook_ssl_evaluate_end(tmp_path):

@@ -38,7 +38,7 @@ from ssltrain.loop import Trainer
 from ssltrain.models import build_backbone
 from ssltrain.optim import EMA, frozen_bn
 from ssltrain.plugins import discover
-from ssltrain.testing import tiny_config
+from ssltrain.tiny import tiny_config
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 SHAPES = {  # name: (model, model options, image shape, labeled, unlabeled, plugins)
