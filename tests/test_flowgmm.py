@@ -354,3 +354,13 @@ def test_image_class_samples_are_logged():
     grid = logger.images["flowgmm/class_samples"]
     assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
     assert metrics["flowgmm/bpd"] > 0
+
+
+def test_fashion_mnist_sup_config_differs_only_in_the_unlabeled_weight():
+    """FlowGMM-Sup is a proper arm of the benchmark: the FlowGMM config with no unlabeled rows, nothing else."""
+    from pathlib import Path
+    from ssltrain.config import load_yaml
+    configs = Path(__file__).parents[1] / "configs"
+    full, sup = (load_yaml(configs / f"flowgmm{s}_fashion_mnist.yaml") for s in ("", "_sup"))
+    assert (full["flowgmm"].pop("unlabeled_weight"), sup["flowgmm"].pop("unlabeled_weight")) == (1.0, 0.0)
+    assert full == sup
