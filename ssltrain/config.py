@@ -42,12 +42,28 @@ class AugmentConfig(Section):
     unlabeled_view: Literal["none", "weak", "strong"] = "weak"
 
 
+class StreamConfig(Section):
+    """How image files (data.name=image_folder) are decoded: in DataLoader worker processes, into fixed-size
+    uint8 batches that are pinned, copied to the device without blocking and prefetched ahead."""
+
+    workers: int | None = Field(None, ge=0)  # decoding processes per training process; None: the CPUs per
+    # training process less one (at least 1, at most 12); 0: decode in the training process
+    prefetch: int = Field(2, ge=1)  # batches each worker decodes ahead
+    memory_budget_gb: float | None = Field(None, gt=0)  # streaming=auto streams when the decoded images need
+    # more; None: a quarter of the device's memory (the GPU's, or the host's on CPU)
+    crop: Literal["resize", "center", "random_resized_crop"] = "resize"  # how a file becomes image_size^2:
+    # the whole image resized; the centre square; a random crop per step (training rows, streamed; test: centre)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random_resized_crop: area fraction range
+    decode: Literal["workers", "device"] = "workers"  # device: JPEGs decoded in batches on the training device
+    # (nvjpeg on CUDA), workers only read the files; other formats are decoded by the workers
+
+
 class DataConfig(Section):
     name: str = "two_moons"
     root: str | None = None
     download: bool = False
     options: dict[str, Any] = {}  # dataset-specific, e.g. two_moons noise
-    num_labeled: int = Field(8, ge=1)
+    num_labeled: int | None = Field(8, ge=1)  # None: every train row with a label
     num_unlabeled: int | None = Field(None, ge=1)
     include_labeled_in_unlabeled: bool = True
     class_mismatch: ClassMismatch | None = None
@@ -55,6 +71,11 @@ class DataConfig(Section):
     unlabeled_batch_size: int = Field(64, ge=1)  # drawn only when a plugin has an unlabeled loss
     normalize: bool = True  # images: per-channel mean/std after augmentation
     augment: AugmentConfig = AugmentConfig()
+    image_size: int | None = Field(None, ge=1)  # image files: side in pixels of every decoded image (required)
+    streaming: Literal["auto"] | bool = "auto"  # image files: stream from disk (true), hold decoded on the device
+    # (false), or stream only when the decoded images exceed data.stream.memory_budget_gb (auto)
+    on_bad_file: Literal["skip", "error"] = "skip"  # image files: skip unreadable files (each reported, counted) or stop
+    stream: StreamConfig = StreamConfig()
 
 
 class ModelConfig(Section):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch.func import functional_call
 
 from . import checkpoint, distributed, rng
 from .config import RunConfig
-from .data import Augmenter, BatchStream, build_data
+from .data import Augmenter, batch_source, build_data, write_labeled
 from .defaults import CoreDefaults
 from .errors import ConfigError, Interrupted
 from .evaluate import evaluate
@@ -82,17 +81,11 @@ class Trainer:
                                   for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
         self.batch_l = self.dist.rank_batch(config.data.batch_size, tc.distributed.batch)
         self.batch_u = self.dist.rank_batch(config.data.unlabeled_batch_size, tc.distributed.batch) if self.uses_unlabeled else 0
-        world = self.dist.world
-        self.labeled = BatchStream(self.data.labeled_idx, self.batch_l * world, config.seed)
-        self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
+        self.source = batch_source(self.data, config, self.dist, self.batch_l, self.batch_u)  # resident or streamed
         self.step = 0
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
         self.final_eval: dict[str, float] = {}  # the last evaluation's scalars, plugins' included
         self.seconds = {"wall": 0.0, "train": 0.0}
-
-    def _rows(self, stream: BatchStream, step: int, size: int) -> torch.Tensor:
-        """This rank's disjoint slice of the step's global batch."""
-        return stream.at(step)[self.dist.rank * size:(self.dist.rank + 1) * size]
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -115,14 +108,11 @@ class Trainer:
 
     def draw(self, step: int) -> SSLBatch:
         """The batch of `step`: labeled (and, when a plugin uses them, unlabeled) rows with default views."""
-        view = self.config.data.augment
-        li = self._rows(self.labeled, step, self.batch_l)
-        raw_l = self.augment.raw(self.data.train_x[li])
-        ui = self._rows(self.unlabeled, step, self.batch_u) if self.uses_unlabeled else li[:0]
-        raw_u = self.augment.raw(self.data.train_x[ui])
-        return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[li],
+        view, rows = self.config.data.augment, self.source.rows(step)  # this process's share, on the device
+        raw_l, raw_u = self.augment.raw(rows.x_l), self.augment.raw(rows.x_u)
+        return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[rows.idx_l],
                         x_u=self.augment.view(raw_u, view.unlabeled_view), raw_l=raw_l, raw_u=raw_u,
-                        y_u_hidden=self.data.y_hidden[ui], idx_u=ui, idx_l=li)
+                        y_u_hidden=self.data.y_hidden[rows.idx_u], idx_u=rows.idx_u, idx_l=rows.idx_l)
 
     def forward_fn(self, params=None):
         """The model call of a closure: the (compiled) model, or a functional call on `params`
@@ -218,11 +208,9 @@ class Trainer:
         """Test metrics of the EMA model (when EMA is on) through `ssl_predict`."""
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
-        shard = slice(self.dist.rank, None, self.dist.world)
         prepare = functools.partial(self.augment, name="none")
-        metrics = evaluate(lambda x: self.predict(model, prepare(x)), self.data.test_x[shard],
-                           self.data.test_y[shard], self.data.num_classes, self.config.train.eval_batch_size,
-                           sum_=self.dist.sum_)
+        metrics = evaluate(lambda x: self.predict(model, prepare(x)), self.source.test_batches(self.config.train.eval_batch_size),
+                           self.data.num_classes, self.device, sum_=self.dist.sum_)  # this process's test shard
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         if logger is not None:
             self.hook.ssl_evaluate_end(model=model, data=self.data, prepare=prepare, metrics=metrics, step=step,
@@ -274,6 +262,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
+        write_labeled(run_dir, trainer.data)
+        print(trainer.data.input_path, flush=True)  # until the startup header shows it
     trainer.dist.barrier()
     return trainer.fit()
