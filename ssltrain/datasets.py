@@ -61,20 +61,24 @@ def _labels(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), dtype=torch.int64)
 
 
-def image_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1].
+def channel_histograms(x: torch.Tensor) -> torch.Tensor:
+    """Counts of each of the 256 levels per channel of uint8 images ``[N, C, H, W]``: int64 ``[C, 256]``."""
+    return torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])])
+
+
+def image_stats(x: torch.Tensor | None = None, histograms: torch.Tensor | None = None
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1], or of the
+    images behind summed ``channel_histograms``.
 
     Exact: computed in float64 from each channel's 256-bin histogram, so memory stays O(one channel).
     """
     levels = torch.arange(256, dtype=torch.float64) / 255
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        p = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        p /= p.sum()
-        mean = (p * levels).sum()
-        means.append(mean.item())
-        stds.append(((p * levels**2).sum() - mean**2).clamp_min(0).sqrt().item())
-    return tuple(means), tuple(stds)
+    p = (channel_histograms(x) if histograms is None else histograms).double()
+    p /= p.sum(1, keepdim=True)
+    mean = (p * levels).sum(1)
+    std = ((p * levels**2).sum(1) - mean**2).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _image_arrays(train_x, train_y, test_x, test_y, classes, extra=None) -> DatasetArrays:

@@ -139,7 +139,8 @@ def ssl_metrics(result, ctx):
 def ssl_evaluate_end(model, data, prepare, metrics, step, logger):
     """Notification after each evaluation of `model` (the evaluated model, EMA when on).
 
-    data: the run's `SSLData`; prepare(x): raw dataset rows (e.g. `data.test_x[i]`) -> model inputs,
+    data: the run's `SSLData` (streamed image files: `data.train_x[idx]` and `data.test_x[idx]` decode
+    those rows on access, see `SSLData`); prepare(x): raw dataset rows (e.g. `data.test_x[i]`) -> model inputs,
     un-augmented and normalised as the evaluation feeds them (the run's memory format); metrics: the
     evaluation metrics dict, to which a plugin may add its own evaluation scalars as
     `metrics["<plugin>/<name>"] = float` (logged as `eval/<key>`, written to metrics.jsonl and, from the

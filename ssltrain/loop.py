@@ -209,8 +209,9 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
         prepare = functools.partial(self.augment, name="none")
-        metrics = evaluate(lambda x: self.predict(model, prepare(x)), self.source.test_batches(self.config.train.eval_batch_size),
-                           self.data.num_classes, self.device, sum_=self.dist.sum_)  # this process's test shard
+        test = self.source.test_batches(self.config.train.eval_batch_size)  # this process's shard
+        metrics = evaluate(lambda x: self.predict(model, prepare(x)), test, self.data.num_classes, self.device,
+                           sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         if logger is not None:
             self.hook.ssl_evaluate_end(model=model, data=self.data, prepare=prepare, metrics=metrics, step=step,

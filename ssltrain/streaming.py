@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig, RunConfig
 from .data import Rows, SSLData, StepIndices, split_rows
-from .datasets import image_stats
+from .datasets import channel_histograms, image_stats
 from .distributed import Dist
 from .errors import ConfigError, DataError
 from .imagefiles import (JPEG_MAGIC, SUBSTITUTE_TRIES, BadFiles, BadImageFile, ImageFiles, ImageSpec, RowPaths,
@@ -113,15 +113,14 @@ def build_file_data(config: RunConfig, device: torch.device) -> SSLData:
     rows = split_rows(config, files.train_y, len(files.classes), files.classes, len(files.unlabeled), files.test_y)
     keep = rows.test_keep
     sample = torch.linspace(0, files.num_train_rows - 1, min(STATS_ROWS, files.num_train_rows)).round().long().unique()
-    if streamed:
-        stats_x, stats_ok = decode_files(files.train_paths(), eval_spec, workers, bad, sample)
+    if streamed:  # chunk by chunk: the sample is not held decoded
+        mean, std = image_stats(histograms=sum(channel_histograms(images[ok]) for _, images, ok in
+                                               decoded_chunks(files.train_paths(), eval_spec, workers, bad, sample)))
         train_x = ImageRows(files.train_paths(), eval_spec, device, bad)
         test_x = ImageRows(RowPaths(test_paths[keep.numpy()]), eval_spec, device, bad)
-        stats_x = stats_x[stats_ok]
     else:
-        stats_x, test_x = train_x[sample], test_x[keep].to(device)
-        train_x = train_x.to(device)
-    mean, std = image_stats(stats_x)
+        mean, std = image_stats(train_x[sample])
+        train_x, test_x = train_x.to(device), test_x[keep].to(device)
     return SSLData(train_x=train_x, y_hidden=rows.y_hidden.to(device), test_x=test_x,
                    test_y=rows.test_y[keep].to(device), labeled_idx=rows.labeled_idx.to(device),
                    unlabeled_idx=rows.unlabeled_idx.to(device), num_classes=rows.num_classes, kind="image",
@@ -171,17 +170,22 @@ def _loader(dataset: Dataset, workers: int, sampler=None, prefetch: int = 2, pin
                       multiprocessing_context="fork" if fork else None)
 
 
-def decode_files(paths: RowPaths, spec: ImageSpec, workers: int, bad: BadFiles,
-                 rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The files of `rows` (default: all) decoded by `workers` processes: uint8 [N, C, S, S] (host) and the
-    readable mask [N]; unreadable files are reported to `bad`."""
+def decoded_chunks(paths: RowPaths, spec: ImageSpec, workers: int, bad: BadFiles,
+                   rows: Tensor | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(first position, uint8 images, readable mask) of consecutive chunks of the files of `rows` (default:
+    all), decoded by `workers` processes; unreadable files are reported to `bad`."""
     chunks = FileChunks(paths, spec, rows)
-    out = torch.zeros(len(chunks.rows), spec.channels, spec.size, spec.size, dtype=torch.uint8)
-    ok = torch.ones(len(chunks.rows), dtype=torch.bool)
-    for k, images, good, failed in _loader(chunks, min(workers, len(chunks))):
+    for k, images, ok, failed in _loader(chunks, min(workers, len(chunks))):
         bad.report(failed)
-        out[k * chunks.chunk:k * chunks.chunk + len(images)], ok[k * chunks.chunk:k * chunks.chunk + len(images)] = \
-            images, good
+        yield k * chunks.chunk, images, ok
+
+
+def decode_files(paths: RowPaths, spec: ImageSpec, workers: int, bad: BadFiles) -> tuple[Tensor, Tensor]:
+    """Every file decoded: uint8 [N, C, S, S] (host) and the readable mask [N] (see `decoded_chunks`)."""
+    out = torch.zeros(len(paths), spec.channels, spec.size, spec.size, dtype=torch.uint8)
+    ok = torch.ones(len(paths), dtype=torch.bool)
+    for start, images, good in decoded_chunks(paths, spec, workers, bad):
+        out[start:start + len(images)], ok[start:start + len(images)] = images, good
     return out, ok
 
 
@@ -203,7 +207,7 @@ class ImageRows:
     def __getitem__(self, key) -> Tensor:
         if isinstance(key, int):
             return self[[key]][0]
-        rows = torch.arange(len(self))[key] if isinstance(key, slice) else torch.as_tensor(key).reshape(-1).cpu()
+        rows = torch.arange(len(self))[key if isinstance(key, slice) else torch.as_tensor(key).cpu()].reshape(-1)
         _, images, _, failed = FileChunks(self.paths, self.spec, rows, chunk=max(len(rows), 1))[0]
         self.bad.report(failed)
         return images.to(self.device)
@@ -226,7 +230,10 @@ class StepBatches(Dataset):
         self.sets, self.defer_jpeg = (labeled, unlabeled), decode_jpeg_on_device
 
     def generator(self, step: int, row: int) -> torch.Generator | None:
-        return crop_generator(self.seed, step, row) if self.spec.crop == "random_resized_crop" else None
+        """The random crop's generator of this process's `row` of `step` (rows of other processes differ)."""
+        if self.spec.crop != "random_resized_crop":
+            return None
+        return crop_generator(self.seed, step, self.indices.rank * (self.indices.batch_l + self.indices.batch_u) + row)
 
     def read(self, which: int, i: int, step: int, row: int, bad: list, defer: bool = False) -> tuple[int, Tensor]:
         """(row index actually read, image or JPEG bytes) for row `i` of set `which` (0 labeled, 1 unlabeled)."""
