@@ -1,11 +1,13 @@
 """Image files as training data: finding them (class folders, unlabeled folders, CSV file lists) and
 decoding one file into a fixed-size uint8 image with torchvision's decoders.
 
-Layout of `data.name: image_folder` (each part a folder or a CSV file list, relative to `data.root`):
-    train/<class>/**      labeled images, one subfolder per class (or train.csv: path,label; an empty label
-                          makes the row unlabeled)
-    unlabeled/**          optional: images at any depth, no labels (or a CSV with a path column)
-    test/<class>/**       test images (or a CSV with path,label)
+Layout of `data.name: image_folder` under `data.root` (default: the working directory):
+    train/<class>/**      labeled images, one subfolder per class
+    unlabeled/**          optional: images at any depth, no labels
+    test/<class>/**       test images
+`data.options.train`, `unlabeled` and `test` name another folder or a CSV file list instead (relative to
+`data.root`): a header with a `path` column and a `label` column (class names or ids; train rows with an
+empty label are unlabeled, an unlabeled list's labels are ignored); relative paths are from the CSV's folder.
 Paths are kept in numpy byte arrays: compact, and shared with forked decoding workers without copies.
 """
 from __future__ import annotations
@@ -205,7 +207,7 @@ def find_image_files(root: str | None, train: str | None = None, unlabeled: str 
         raise ConfigError(f"image_folder: test classes {unknown[:5]} have no labeled train images (train classes: "
                           f"{classes[:10]}); add train images of those classes or remove them from the test set")
     extra = [train_paths[i] for i, n in enumerate(train_names) if not n]  # unlabeled rows of a train CSV
-    path = _resolve(base, unlabeled, "unlabeled", "unlabeled")
+    path = _resolve(base, unlabeled, "unlabeled", "unlabeled") if root is not None or unlabeled else None
     if path is not None and path.exists():
         listed = _file_list(path, "unlabeled", "ignored")[0] if path.is_file() else list_images(path)
         if not listed:

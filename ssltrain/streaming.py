@@ -20,6 +20,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torchvision.io  # noqa: F401  the decoders, imported before workers fork (each would import them anew)
+import torchvision.transforms.v2.functional  # noqa: F401
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
