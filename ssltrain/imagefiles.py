@@ -186,7 +186,8 @@ def find_image_files(root: str | None, train: str | None = None, unlabeled: str 
     layout = "<root>/train/<class>/*.jpg|png|..., <root>/test/<class>/* and optionally <root>/unlabeled/**"
     base = Path(root) if root is not None else Path.cwd()
     if root is not None and not base.is_dir():
-        raise ConfigError(f"image_folder: data.root={root} is not a folder; expected {layout}")
+        raise ConfigError(f"image_folder: data.root={root} is not a folder; expected {layout} (example images: "
+                          f"python tools/make_image_folder.py {root})")
     parts = {}
     for what, given, labels in (("train", train, "optional"), ("test", test, "required")):
         path = _resolve(base, given, what, what)

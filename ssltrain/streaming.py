@@ -105,21 +105,18 @@ def build_file_data(config: RunConfig, device: torch.device) -> SSLData:
     train_spec, eval_spec = image_specs(cfg, files.channels)
     streamed, line = decide(cfg, files, train_spec, device)
     bad, workers = BadFiles(cfg.on_bad_file), num_workers(cfg)
-    if streamed:
-        train_x, test_paths = None, files.test
-    else:
+    if not streamed:  # decode every file now; the split is drawn over the readable ones
         train_x, ok = decode_files(files.train_paths(), eval_spec, workers, bad)
         test_x, test_ok = decode_files(RowPaths(files.test), eval_spec, workers, bad)
-        files, train_x = _readable(files, ok, test_ok), train_x[ok] if not ok.all() else train_x
-        test_x = test_x[test_ok] if not test_ok.all() else test_x
+        files, train_x, test_x = _readable(files, ok, test_ok), _rows(train_x, ok), _rows(test_x, test_ok)
     rows = split_rows(config, files.train_y, len(files.classes), files.classes, len(files.unlabeled), files.test_y)
     keep = rows.test_keep
     sample = torch.linspace(0, files.num_train_rows - 1, min(STATS_ROWS, files.num_train_rows)).round().long().unique()
-    if streamed:  # chunk by chunk: the sample is not held decoded
-        mean, std = image_stats(histograms=sum(channel_histograms(images[ok]) for _, images, ok in
-                                               decoded_chunks(files.train_paths(), eval_spec, workers, bad, sample)))
+    if streamed:  # statistics chunk by chunk: the sample is never held decoded
+        chunks = decoded_chunks(files.train_paths(), eval_spec, workers, bad, sample)
+        mean, std = image_stats(histograms=sum(channel_histograms(images[ok]) for _, images, ok in chunks))
         train_x = ImageRows(files.train_paths(), eval_spec, device, bad)
-        test_x = ImageRows(RowPaths(test_paths[keep.numpy()]), eval_spec, device, bad)
+        test_x = ImageRows(RowPaths(files.test[keep.numpy()]), eval_spec, device, bad)
     else:
         mean, std = image_stats(train_x[sample])
         train_x, test_x = train_x.to(device), test_x[keep].to(device)
@@ -128,6 +125,10 @@ def build_file_data(config: RunConfig, device: torch.device) -> SSLData:
                    unlabeled_idx=rows.unlabeled_idx.to(device), num_classes=rows.num_classes, kind="image",
                    input_shape=(files.channels, cfg.image_size, cfg.image_size), mean=mean, std=std,
                    classes=rows.classes, files=files, streamed=streamed, input_path=line)
+
+
+def _rows(x: Tensor, ok: Tensor) -> Tensor:
+    return x if ok.all() else x[ok]
 
 
 def _readable(files: ImageFiles, ok: Tensor, test_ok: Tensor) -> ImageFiles:

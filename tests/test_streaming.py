@@ -261,6 +261,21 @@ def test_decoding_jpegs_on_the_device_gives_the_same_rows(folder, tmp_path):
         assert torch.equal(a.x_u, b.x_u) and torch.equal(a.idx_u, b.idx_u) and torch.equal(a.x_l, b.x_l)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stream_copies_and_nvjpeg(folder, tmp_path):
+    """On a GPU: pinned batches copied on a side stream equal the resident rows; nvjpeg-decoded JPEGs are
+    close to the CPU's (its IDCT differs by a few levels)."""
+    cuda = ["train.device=cuda", "train.amp=none"]
+    resident = Trainer(folder_config(folder, "data.streaming=false", *cuda), tmp_path)
+    streamed = Trainer(folder_config(folder, "data.streaming=true", *cuda), tmp_path)
+    nvjpeg = Trainer(folder_config(folder, "data.streaming=true", "data.stream.decode=device", *cuda), tmp_path)
+    for step in range(4):
+        a, b, c = resident.source.rows(step), streamed.source.rows(step), nvjpeg.source.rows(step)
+        assert b.x_u.is_cuda and torch.equal(a.x_u, b.x_u) and torch.equal(a.idx_u, b.idx_u)
+        assert (c.x_u.float() - b.x_u.float()).abs().mean() < 3
+    assert train(folder_config(folder, "data.streaming=true", *cuda), tmp_path / "run")["steps"] == 8
+
+
 # ----------------------------------------------------------------------------- torchrun
 class Probe(SSLPlugin):
     """Saves the unlabeled rows each rank drew and its final parameters."""
