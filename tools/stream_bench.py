@@ -14,8 +14,9 @@ It writes its image sets under --data first (generated JPEG shapes, tools/make_i
    PSS of the process tree (sampled every 0.1 s; shared pages counted once) and, on CUDA, peak device memory.
    Target: all of them within 10% from the smallest to the largest count.
 3. step: on CIFAR-sized data (32x32 JPEGs: 4,000 labeled, 46,000 unlabeled, 1,000 test) the training step of
-   the same run held on the device and streamed, in turns (resident, streamed, resident, streamed), median
-   step times over `--steps` steps after warm-up. Target: streamed / resident <= 1.1.
+   the same Pi-model run held on the device and streamed, in turns (resident, streamed, resident, streamed),
+   median step times over `--steps` steps after warm-up; SmallCNN with 64 + 128 rows per step (a fast step,
+   where decoding matters most) and WRN-28-2 with 16 + 32. Target: streamed / resident <= 1.1.
 
 On the 2-core development machine run it through /work/bin/cpuslot with the default --threads 1 --workers 1
 (the decoding worker then shares the second core with whatever else runs).
@@ -46,6 +47,7 @@ from ssltrain.plugins import discover  # noqa: E402
 from ssltrain.testing import tiny_config  # noqa: E402
 
 CIFAR = {"size": 32, "train": 400, "unlabeled": 46_000, "test": 100, "classes": 10}  # per class for train/test
+STEP_BATCHES = {"small_cnn": (64, 128), "wrn28_2": (16, 32)}  # labeled, unlabeled rows per step (Pi-model: 2 views)
 
 
 # ----------------------------------------------------------------------------- data
@@ -88,7 +90,7 @@ def throughput(root: Path, size: int, args) -> dict:
                       tempfile.mkdtemp())
     source, rows_per_step = trainer.source, trainer.batch_l + trainer.batch_u
     source.rows(0)  # start the workers
-    t0, steps = time.perf_counter(), max(8, 20_000 // (size * 4))
+    t0, steps = time.perf_counter(), max(2, args.throughput_images // rows_per_step)
     for step in range(1, steps + 1):
         source.rows(step)
     seconds = time.perf_counter() - t0
@@ -159,7 +161,9 @@ def memory_point(root: Path, size: int, count: int, args) -> dict:
 def step_times(root: Path, streaming: str, model: str, args) -> list[float]:
     """Step times (s) of `--steps` steps after `--warmup`, the run held on the device or streamed."""
     total = args.warmup + args.steps
-    cfg = config(root, 32, args, f"data.streaming={streaming}", "data.batch_size=64", "data.unlabeled_batch_size=128",
+    labeled, unlabeled = STEP_BATCHES[model]
+    cfg = config(root, 32, args, f"data.streaming={streaming}", f"data.batch_size={labeled}",
+                 f"data.unlabeled_batch_size={unlabeled}",
                  f"model.name={model}", "model.options={}", f"train.steps={total}", f"train.eval_every={total}",
                  f"train.log_every={total}")
     cfg.plugins.append("clock")
@@ -191,8 +195,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-steps", type=int, default=20)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--throughput-images", type=int, default=10_000)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cifar-unlabeled", type=int, default=CIFAR["unlabeled"])
     p.add_argument("--json", type=Path)
