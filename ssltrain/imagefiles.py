@@ -247,7 +247,18 @@ def decode(path: str, data: Tensor, channels: int) -> Tensor:
         image = _decode_with_pil(path, data, channels)
     if image.dtype != torch.uint8:  # 16-bit PNG
         image = (image.float() * (255 / 65535)).round().to(torch.uint8)
-    return image[:1].expand(channels, -1, -1) if image.shape[0] != channels else image
+    return _with_channels(image[0] if image.dim() == 4 else image, channels)  # an animated GIF: its first frame
+
+
+def _with_channels(image: Tensor, channels: int) -> Tensor:
+    """[c, H, W] -> [channels, H, W]: GIF and WebP decoders ignore a grayscale request; alpha is dropped."""
+    c = image.shape[0]
+    if c == channels:
+        return image
+    if channels == 1:
+        from torchvision.transforms.v2.functional import rgb_to_grayscale
+        return rgb_to_grayscale(image[:3]) if c >= 3 else image[:1]
+    return image[:3] if c >= 3 else image[:1].expand(3, -1, -1).contiguous()
 
 
 def _decode_with_pil(path: str, data: Tensor, channels: int) -> Tensor:

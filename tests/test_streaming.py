@@ -16,7 +16,7 @@ from conftest import make_config
 from ssltrain import ConfigError, SSLPlugin, checkpoint, hookimpl
 from ssltrain.cli import main as cli_main
 from ssltrain.errors import DataError
-from ssltrain.imagefiles import ImageSpec, find_image_files, list_images
+from ssltrain.imagefiles import ImageSpec, find_image_files, list_images, read_image
 from ssltrain.loop import Trainer, train
 from ssltrain.plugins import discover
 from ssltrain.streaming import StepBatches
@@ -85,6 +85,23 @@ def test_csv_file_lists(folder, tmp_path):
     assert files.train_y.tolist() == [0, 0, 0, 1, 1] and files.test_y.tolist() == [1]
     assert len(files.unlabeled) == 1 + 4  # the unlabeled row of train.csv, then more.csv
     assert Path(files.test[0].decode()).is_file()
+
+
+def test_every_format_decodes_to_the_requested_size_and_channels(tmp_path):
+    from PIL import Image
+    red = [Image.new("RGB", (12, 7), (255, 0, 0)), Image.new("RGB", (12, 7), (0, 255, 0))]
+    red[0].save(tmp_path / "animated.gif", save_all=True, append_images=red[1:])
+    Image.new("RGBA", (12, 7), (255, 0, 0, 9)).save(tmp_path / "alpha.webp", lossless=True)
+    Image.new("RGB", (12, 7), (255, 0, 0)).save(tmp_path / "plain.bmp")
+    Image.new("LA", (12, 7), (76, 9)).save(tmp_path / "gray_alpha.png")
+    Image.new("I;16", (12, 7), 19532).save(tmp_path / "sixteen_bit.png")  # 19532 / 65535 * 255 = 76
+    Image.new("RGB", (12, 7), (255, 0, 0)).save(tmp_path / "photo.jpg", quality=100)
+    for path in sorted(tmp_path.iterdir()):
+        for channels in (1, 3):
+            image = read_image(str(path), ImageSpec(5, channels, "center"))
+            assert image.shape == (channels, 5, 5) and image.dtype == torch.uint8, path.name
+            assert abs(int(image[0, 2, 2]) - (76 if channels == 1 or path.stem in ("gray_alpha", "sixteen_bit")
+                                              else 255)) <= 2, (path.name, channels)
 
 
 @pytest.mark.parametrize("case, message", [
