@@ -119,13 +119,19 @@ def _size(x: Tensor) -> str:
     return f"{x.numel() * x.element_size() / 2**20:,.0f} MiB"
 
 
-def write_labeled(run_dir: Path, data: SSLData) -> None:
-    """labeled_indices.json (the labeled train rows) and, for image files, labeled_files.json ([path, class])."""
+def write_labeled(run_dir: Path, data: SSLData, resume: bool = False) -> None:
+    """labeled_indices.json (the labeled train rows) and, for image files, labeled_files.json ([path, class]).
+    Resuming, a different labeled_files.json means the files changed since the run began: a ConfigError."""
     (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
-    if data.files is not None:
-        paths = data.files.train_paths()
-        rows = [[paths[i], data.classes[y]] for i, y in zip(data.labeled_idx.tolist(), data.y_hidden[data.labeled_idx].tolist())]
-        (run_dir / "labeled_files.json").write_text(json.dumps(rows, indent=0) + "\n")
+    if data.files is None:
+        return
+    paths, labels = data.files.train_paths(), data.y_hidden[data.labeled_idx].tolist()
+    text = json.dumps([[paths[i], data.classes[y]] for i, y in zip(data.labeled_idx.tolist(), labels)], indent=0)
+    saved = run_dir / "labeled_files.json"
+    if resume and saved.exists() and saved.read_text() != text + "\n":
+        raise ConfigError(f"the image files changed since {run_dir} began: its labeled images ({saved}) are not "
+                          f"the ones drawn now; resume with the files as they were, or start a new run")
+    saved.write_text(text + "\n")
 
 
 class BatchStream:

@@ -263,7 +263,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, classes:
         if not resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_labeled(run_dir, trainer.data)
+        write_labeled(run_dir, trainer.data, resume)
         print(trainer.data.input_path, flush=True)  # until the startup header shows it
     trainer.dist.barrier()
     return trainer.fit()

@@ -209,6 +209,17 @@ def test_streamed_resume_is_exact(folder, tmp_path):
     assert_same_weights(tmp_path / "full", tmp_path / "resumed")
 
 
+def test_resume_refuses_changed_files(folder, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(folder, root)
+    config = folder_config(root, "train.steps=2", "train.eval_every=2")
+    train(config, tmp_path / "run")
+    Path(list_images(root / "train" / "circle")[0]).unlink()
+    config.train.steps = 4
+    with pytest.raises(ConfigError, match="image files changed"):
+        train(config, tmp_path / "run", resume=True)
+
+
 def test_worker_batches_depend_only_on_seed_and_step(folder, tmp_path):
     config = folder_config(folder, "data.streaming=true", "data.stream.crop=random_resized_crop")
     a, b = Trainer(config, tmp_path), Trainer(folder_config(folder, "data.streaming=true", "data.stream.workers=0",
