@@ -115,12 +115,23 @@ def weight_stats(w: Tensor, seen: Tensor) -> dict[str, Tensor]:
 class DS3L(SSLPlugin):
     """Per-sample unlabeled weights from a meta-net trained through a virtual step (module docstring)."""
 
+    descriptions = {
+        "ds3l/meta_loss": "The meta-net's objective: supervised loss after the virtual step (mean since the last "
+                          "point).",
+        "ds3l/weight_seen": "Mean raw weight (meta-net output, in [0, 1]) of unlabeled rows whose hidden class is "
+                            "a seen class.",
+        "ds3l/weight_unseen": "Mean raw weight (in [0, 1]) of unlabeled rows of an unseen or unknown class.",
+        "ds3l/weight_auroc": "AUROC in [0, 1] of the weights for telling seen-class rows from the others (0.5: "
+                             "chance, 1: seen rows always weigh more).",
+    }
+
     class Config(Section):
-        meta_lr: float = Field(6e-5, gt=0)  # Adam lr of the meta-net (official; "needs careful tuning")
-        inner_lr: float = Field(1e-3, gt=0)  # lr of the virtual plain-SGD step
-        hidden: int = Field(100, ge=1)  # hidden width of the meta-net
-        normalize_weights: bool = True  # w / mean(w) within the batch (official); False: the paper's form
-        eval_rows: int = Field(5000, ge=1)  # unlabeled rows weighed at each evaluation (diagnostics)
+        meta_lr: float = Field(6e-5, gt=0, description="Adam lr of the meta-net (official; 'needs careful tuning')")
+        inner_lr: float = Field(1e-3, gt=0, description="Lr of the virtual plain-SGD step")
+        hidden: int = Field(100, ge=1, description="Hidden width of the meta-net")
+        normalize_weights: bool = Field(True, description="w / mean(w) within the batch (official); False: the paper's "
+                                                          "form")
+        eval_rows: int = Field(5000, ge=1, description="Unlabeled rows weighed at each evaluation (diagnostics)")
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -173,25 +173,42 @@ class FlowGMM(SSLPlugin):
 
     incompatible = {"sla": "SLA widens/wraps the classifier head, but FlowGMM's classifier is the latent Gaussian "
                            "mixture of its flow (there is no linear head to widen)"}
+    descriptions = {
+        "flowgmm/nll": "unlabeled_weight * ramp * mean over the unlabeled rows of -log p(x), in nats.",
+        "flowgmm/consistency": "consistency_weight * ramp * mean over the unlabeled rows of -log p(y = argmax of "
+                               "view 2 | x), in nats.",
+        "flowgmm/bpd": "Bits per dimension of the batch (training) or of eval_bpd_rows test rows (at evaluation); "
+                       "lower is a better density.",
+        "flowgmm/class_regions": "2-D data: the classes the flow's Gaussian mixture assigns over the input plane, "
+                                 "labeled points in colour, unlabeled in grey.",
+        "flowgmm/latent_space": "2-D data: the points in the flow's latent space with the fixed class means.",
+        "flowgmm/class_samples": "Images: samples from each class's Gaussian (one row per class).",
+    }
 
     class Config(Section):
-        label_weight: float = Field(1.0, ge=0)  # w_lab on -log p(y|x) of labeled rows (1: paper; 3: image code)
-        unlabeled_weight: float = Field(1.0, ge=0)  # weight of -log p(x) of unlabeled rows; 0: labeled only
-        unlabeled_rampup_steps: int = Field(0, ge=0)  # linear ramp of unlabeled_weight, in steps (not in the paper)
-        consistency_weight: float = Field(0.0, ge=0)  # FlowGMM-cons (1.0 in the image code); 0: off
-        consistency_rampup_steps: int = Field(0, ge=0)  # linear ramp of the consistency weight, in steps
-        consistency_view: Literal["weak", "strong"] = "weak"  # the view x2 whose argmax is the target
-        means: Literal["random", "opposite"] = "random"  # fixed class means, see make_means
-        mean_scale: float = Field(1.0, gt=0)  # random: std of the means; opposite: distance between them
-        mean_direction: list[float] | None = None  # opposite: the axis of +-mu ([D] values); None: random
-        couplings: int = Field(6, ge=1)  # vectors: number of affine couplings
-        hidden: int = Field(256, ge=1)  # vectors: width of the coupling MLPs
-        dropout: float = Field(0.0, ge=0, lt=1)  # vectors: dropout in the coupling MLPs (0.5 in the official code)
-        scales: int = Field(2, ge=1)  # images: RealNVP scales
-        mid_channels: int = Field(32, ge=1)  # images: channels of the conditioner ResNets (64/128 in the paper)
-        res_blocks: int = Field(2, ge=1)  # images: residual blocks per conditioner (8 in the paper)
-        sample_temperature: float = Field(0.7, gt=0)  # images: latent std of the logged class samples
-        eval_bpd_rows: int = Field(2000, ge=1)  # test rows used for the test bits per dimension
+        label_weight: float = Field(1.0, ge=0, description="w_lab on -log p(y|x) of labeled rows (1: paper; 3: image "
+                                                           "code)")
+        unlabeled_weight: float = Field(1.0, ge=0, description="Weight of -log p(x) of unlabeled rows; 0: labeled only")
+        unlabeled_rampup_steps: int = Field(0, ge=0, description="Linear ramp of unlabeled_weight, in steps (not in "
+                                                                 "the paper)")
+        consistency_weight: float = Field(0.0, ge=0, description="FlowGMM-cons (1.0 in the image code); 0: off")
+        consistency_rampup_steps: int = Field(0, ge=0, description="Linear ramp of the consistency weight, in steps")
+        consistency_view: Literal["weak", "strong"] = Field("weak", description="The view x2 whose argmax is the "
+                                                                                "target")
+        means: Literal["random", "opposite"] = Field("random", description="Fixed class means, see make_means")
+        mean_scale: float = Field(1.0, gt=0, description="Random: std of the means; opposite: distance between them")
+        mean_direction: list[float] | None = Field(None, description="Opposite: the axis of +-mu ([D] values); None: "
+                                                                     "random")
+        couplings: int = Field(6, ge=1, description="Vectors: number of affine couplings")
+        hidden: int = Field(256, ge=1, description="Vectors: width of the coupling MLPs")
+        dropout: float = Field(0.0, ge=0, lt=1, description="Vectors: dropout in the coupling MLPs (0.5 in the "
+                                                            "official code)")
+        scales: int = Field(2, ge=1, description="Images: RealNVP scales")
+        mid_channels: int = Field(32, ge=1, description="Images: channels of the conditioner ResNets (64/128 in the "
+                                                        "paper)")
+        res_blocks: int = Field(2, ge=1, description="Images: residual blocks per conditioner (8 in the paper)")
+        sample_temperature: float = Field(0.7, gt=0, description="Images: latent std of the logged class samples")
+        eval_bpd_rows: int = Field(2000, ge=1, description="Test rows used for the test bits per dimension")
 
     def __init__(self, config=None):
         super().__init__(config)

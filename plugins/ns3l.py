@@ -76,14 +76,34 @@ class NS3L(SSLPlugin):
     alone (lambda 1, T = 0.4/C); with VAT the paper uses weight 0.3, with MixMatch weight 5 and T 0.05."""
 
     class Config(Section):
-        weight: float = Field(1.0, ge=0)  # lambda_NS (lambda1): paper alone 1, with VAT 0.3, with MixMatch 5 (C10@250)
-        threshold: float | None = Field(None, gt=0)  # T; None: 0.4 / C (0.04 at C = 10, official); must be < 1/C
-        rampup_steps: int = Field(0, ge=0)  # exp(-5 (1 - t)^2) ramp-up of the weight in steps (Oliver et al.); 0: none
+        weight: float = Field(1.0, ge=0, description="lambda_NS (lambda1): paper alone 1, with VAT 0.3, with MixMatch "
+                                                     "5 (C10@250)")
+        threshold: float | None = Field(None, gt=0, description="T; None: 0.4 / C (0.04 at C = 10, official); must be "
+                                                                "< 1/C")
+        rampup_steps: int = Field(0, ge=0, description="exp(-5 (1 - t)^2) ramp-up of the weight in steps (Oliver et "
+                                                       "al.); 0: none")
+
+    descriptions = {
+        "ns3l/unlabeled": "weight * n_u/(n_l+n_u) * ramp * mean over the unlabeled rows of the negative-sampling "
+                          "loss -sum over negative classes of log(1 - p_c).",
+        "ns3l/labeled": "weight * n_l/(n_l+n_u) * ramp * the same loss on the labeled rows (next to a label guesser).",
+        "ns3l/negative_fraction": "Mean fraction of the classes marked negative per unlabeled row, in [0, 1].",
+        "ns3l/true_class_negative": "Fraction of unlabeled rows (of a known class) whose hidden true class is marked "
+                                    "negative, in [0, 1]: the negatives' error rate.",
+        "ns3l/threshold": "T: a class with probability below T is a negative.",
+        "ns3l/weight": "lambda_NS after the ramp-up at this step (before the n/(n_l+n_u) conversion).",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
         self.threshold: float | None = None  # T, resolved in ssl_build_model once C is known
         self.diagnostics: dict[str, Tensor] = {}
+
+    def describe(self) -> str:
+        c = self.config
+        threshold = f"{c.threshold:g}" if c.threshold is not None else "0.4/C"
+        return (f"ns3l/unlabeled x {c.weight:g} * n_u/(n_l+n_u) (ns3l/labeled x {c.weight:g} * n_l/(n_l+n_u) next to "
+                f"a label guesser) after a ramp-up over {c.rampup_steps} steps; threshold={threshold}")
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, num_classes):

@@ -22,10 +22,18 @@ def consistency_mse(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.
 class PiModel(SSLPlugin):
     """Adds "pi_model/consistency": weight * ramp(step) * mean over unlabeled samples of Omega."""
 
+    descriptions = {"pi_model/consistency": "weight * ramp * mean over the unlabeled rows of (1/C)||softmax(view 2) "
+                                            "- softmax(view 1)||^2."}
+
     class Config(Section):
-        weight: float = Field(10.0, ge=0)  # maximum weight of the consistency term
-        rampup_steps: int = Field(0, ge=0)  # exp(-5 (1 - t)^2) ramp-up length in steps; 0: no ramp
-        view: Literal["weak", "strong"] = "weak"  # augmentation of the second view
+        weight: float = Field(10.0, ge=0, description="Maximum weight of the consistency term")
+        rampup_steps: int = Field(0, ge=0, description="exp(-5 (1 - t)^2) ramp-up length in steps; 0: no ramp")
+        view: Literal["weak", "strong"] = Field("weak", description="Augmentation of the second view")
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"pi_model/consistency x {c.weight:g} after a sigmoid ramp-up over {c.rampup_steps} steps; "
+                f"view={c.view}")
 
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):

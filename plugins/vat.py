@@ -84,12 +84,25 @@ class VAT(SSLPlugin):
     coefficients (weight 0.3, xi 1e-6, one power iteration) and its CIFAR-10 epsilon 6.0."""
 
     class Config(Section):
-        weight: float = Field(0.3, ge=0)  # lambda_VAT (0.3 on 10-class data, 0.6 on CIFAR-100)
-        epsilon: float = Field(6.0, gt=0)  # L2 norm of r_adv per row, in the (normalised) input space
-        xi: float = Field(1e-6, gt=0)  # finite-difference step of the power iteration
-        iterations: int = Field(1, ge=1)  # power iterations
-        entmin_weight: float = Field(0.0, ge=0)  # entropy minimisation (VAT + EntMin: 0.06); 0: off
-        rampup_steps: int = Field(0, ge=0)  # exp(-5 (1 - t)^2) ramp-up in steps; 0: none
+        weight: float = Field(0.3, ge=0, description="lambda_VAT (0.3 on 10-class data, 0.6 on CIFAR-100)")
+        epsilon: float = Field(6.0, gt=0, description="L2 norm of r_adv per row, in the (normalised) input space")
+        xi: float = Field(1e-6, gt=0, description="Finite-difference step of the power iteration")
+        iterations: int = Field(1, ge=1, description="Power iterations")
+        entmin_weight: float = Field(0.0, ge=0, description="Entropy minimisation (VAT + EntMin: 0.06); 0: off")
+        rampup_steps: int = Field(0, ge=0, description="exp(-5 (1 - t)^2) ramp-up in steps; 0: none")
+
+    descriptions = {
+        "vat/kl": "weight * B_u/(B_l+B_u) * ramp * mean over the unlabeled rows of KL(p(x) || p(x + r_adv)).",
+        "vat/entmin": "entmin_weight * B_u/(B_l+B_u) * ramp * mean entropy of the unlabeled predictions.",
+    }
+
+    def describe(self) -> str:
+        c = self.config
+        text = f"vat/kl x {c.weight:g} * B_u/(B_l+B_u)"
+        if c.entmin_weight:
+            text += f", vat/entmin x {c.entmin_weight:g} * B_u/(B_l+B_u)"
+        return (text + f" (the official mean over all rows) after a ramp-up over {c.rampup_steps} steps; "
+                       f"epsilon={c.epsilon:g}, xi={c.xi:g}")
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):

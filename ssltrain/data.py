@@ -112,11 +112,11 @@ def build_data(config: RunConfig, device: torch.device) -> SSLData:
                    labeled_idx=rows.labeled_idx.to(device), unlabeled_idx=rows.unlabeled_idx.to(device),
                    num_classes=rows.num_classes, kind=arrays.kind, input_shape=tuple(arrays.train_x.shape[1:]),
                    mean=arrays.mean, std=arrays.std, classes=rows.classes,
-                   input_path=f"data: {cfg.name} held on {device} ({_size(train_x) + _size(arrays.test_x)})")
+                   input_path=f"held on {device}: {sum(map(_mib, (train_x, arrays.test_x))):,.1f} MiB")
 
 
-def _size(x: Tensor) -> str:
-    return f"{x.numel() * x.element_size() / 2**20:,.0f} MiB"
+def _mib(x: Tensor) -> float:
+    return x.numel() * x.element_size() / 2**20
 
 
 def write_labeled(run_dir: Path, data: SSLData, resume: bool = False) -> None:

@@ -7,6 +7,7 @@ comes back as float32 ``[N, D]``, already standardised with the train statistics
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import inspect
 import math
@@ -354,16 +355,22 @@ DATASETS: dict[str, Callable[..., DatasetArrays]] = {
 }
 
 
+def check_dataset(name: str, options: dict) -> None:
+    """ValueError unless ``name`` is a key of DATASETS and ``options`` are keywords of its loader."""
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(sorted(DATASETS))} (data.name)")
+    valid = [p for p in inspect.signature(DATASETS[name]).parameters if p not in ("root", "download")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid or 'none'}")
+
+
 def load_dataset(name: str, root: str | None = None, download: bool = False, **options) -> DatasetArrays:
     """Load dataset ``name`` (a key of DATASETS) with its loader's keyword ``options``.
 
     Raises ValueError for an unknown name or option, DatasetNotFoundError when the files are missing.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    loader = DATASETS[name]
-    valid = [p for p in inspect.signature(loader).parameters if p not in ("root", "download")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid or 'none'}")
-    return loader(root=root, download=download, **options)
+    check_dataset(name, options)
+    return DATASETS[name](root=root, download=download, **options)

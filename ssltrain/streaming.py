@@ -77,8 +77,8 @@ def decide(cfg: DataConfig, files: ImageFiles, spec: ImageSpec, device: torch.de
         stream, why = cfg.streaming, f"data.streaming={str(cfg.streaming).lower()}"
     images = f"{n:,} images of {spec.channels}x{spec.size}x{spec.size} decode to {_gib(need)}"
     if not stream:
-        return False, f"data: image files held decoded on {device}: {images}, {why}"
-    return True, (f"data: image files streamed from disk: {images}, {why}; {num_workers(cfg)} decoding workers per "
+        return False, f"image files held decoded on {device}: {images}, {why}"
+    return True, (f"image files streamed from disk: {images}, {why}; {num_workers(cfg)} decoding workers per "
                   f"process, {cfg.stream.prefetch} batches ahead each")
 
 

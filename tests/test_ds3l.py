@@ -229,13 +229,13 @@ def test_auroc_matches_a_pairwise_count():
 
 
 def test_pi_model_with_ds3l_trains_and_logs_weight_diagnostics(tmp_path, blobs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ssltrain.tblog import read_tensorboard, scalar_values
     config = make_config(*blobs, "train.steps=10", "ds3l.meta_lr=0.01", plugins=["pi_model", "ds3l"])
     summary = train(config, tmp_path / "run")
     assert summary["steps"] == 10 and np.isfinite(summary["test_top1"])
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
-    events.Reload()
-    values = {t: [e.value for e in events.Scalars(t)] for t in events.Tags()["scalars"] if t.startswith("ds3l/")}
+    events = read_tensorboard(tmp_path / "run" / "tb")
+    tags = events.PluginTagToContent("scalars")
+    values = {t: [v for _, v in scalar_values(events, t)] for t in tags if t.startswith("ds3l/")}
     assert set(values) == {"ds3l/meta_loss", "ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc"}
     assert all(len(v) == 2 for v in values.values())  # log steps 5 and 10
     assert all(0 < v < 1 for name in ("ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc")
@@ -243,7 +243,7 @@ def test_pi_model_with_ds3l_trains_and_logs_weight_diagnostics(tmp_path, blobs):
     # at each evaluation, the same statistics over the unlabeled set (eval/ in TensorBoard, final_eval in the summary)
     final = {k: v for k, v in summary["final_eval"].items() if k.startswith("ds3l/")}
     assert set(final) == {"ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc"}
-    assert all(0 < v < 1 for v in final.values()) and "eval/ds3l/weight_auroc" in events.Tags()["scalars"]
+    assert all(0 < v < 1 for v in final.values()) and "eval/ds3l/weight_auroc" in tags
 
 
 def test_weight_stats_only_report_what_is_defined():
