@@ -44,7 +44,7 @@ from make_image_folder import make_image_folder  # noqa: E402
 from ssltrain.imagefiles import list_images  # noqa: E402
 from ssltrain.loop import Trainer  # noqa: E402
 from ssltrain.plugins import discover  # noqa: E402
-from ssltrain.testing import tiny_config  # noqa: E402
+from ssltrain.tiny import tiny_config  # noqa: E402
 
 CIFAR = {"size": 32, "train": 400, "unlabeled": 46_000, "test": 100, "classes": 10}  # per class for train/test
 STEP_BATCHES = {"small_cnn": (64, 128), "wrn28_2": (16, 32)}  # labeled, unlabeled rows per step (Pi-model: 2 views)
@@ -75,11 +75,11 @@ def unlabeled_list(root: Path, count: int) -> Path:
 
 def config(root: Path, size: int, args, *overrides: str, unlabeled: Path | None = None):
     options = f"{{unlabeled: {unlabeled}}}" if unlabeled else "{}"
-    return tiny_config("data.name=image_folder", f"data.root={root}", f"data.options={options}",
-                       f"data.image_size={size}", "data.num_labeled=null", f"data.stream.workers={args.workers}",
-                       "data.augment={flip: true, pad: 2}", f"train.cpu_threads={args.threads}",
-                       f"train.device={args.device}", "train.ema=0.999", "optim.lr=0.002", *overrides,
-                       plugins=["pi_model"])
+    return tiny_config(["pi_model"], overrides=[
+        "data.name=image_folder", f"data.root={root}", f"data.options={options}", f"data.image_size={size}",
+        "data.num_labeled=null", f"data.stream.workers={args.workers}", "data.augment={flip: true, pad: 2}",
+        f"train.cpu_threads={args.threads}", f"train.device={args.device}", "train.ema=0.999", "optim.lr=0.002",
+        *overrides])
 
 
 # ----------------------------------------------------------------------------- 1. throughput
