@@ -15,7 +15,7 @@ from .config import Section
 from .data import SSLData
 from .defaults import logits_of, split_rows
 from .distributed import all_reduce_mean
-from .errors import (CheckpointError, ConfigError, Interrupted, NonFiniteLossError, PluginConflictError,
+from .errors import (CheckpointError, ConfigError, DataError, Interrupted, NonFiniteLossError, PluginConflictError,
                      PluginContractError, PluginError, SSLTrainError)
 from .figures import confusion_figure, per_class_figure
 from .hookspecs import hookimpl
@@ -27,6 +27,6 @@ __version__ = "0.2.0"
 
 __all__ = ["hookimpl", "SSLPlugin", "Section", "SSLBatch", "Outputs", "LossTerm", "LossResult", "StepResult",
            "StepContext", "SSLData", "ConfigError", "PluginError", "PluginConflictError", "PluginContractError",
-           "NonFiniteLossError", "CheckpointError", "Interrupted", "SSLTrainError", "linear_rampup",
+           "NonFiniteLossError", "CheckpointError", "DataError", "Interrupted", "SSLTrainError", "linear_rampup",
            "sigmoid_rampup", "all_reduce_mean", "logits_of", "split_rows", "frozen_bn", "EMA",
            "register_schedule", "per_class_figure", "confusion_figure", "__version__"]

@@ -2,7 +2,6 @@
 arbitrary objects (`torch.load(weights_only=True)`); what a trainer saves and restores."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 import yaml
 
 from . import rng
+from .data import write_labeled
 from .errors import CheckpointError, ConfigError
 
 
@@ -121,13 +121,13 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def write_run_files(trainer, resume: bool) -> None:
-    """config.yaml and labeled_indices.json of a starting or resumed run (rank 0); a new run starts its
-    train.jsonl and metrics.jsonl afresh."""
+    """config.yaml, labeled_indices.json (and labeled_files.json) of a starting or resumed run (rank 0); a new
+    run starts its train.jsonl and metrics.jsonl afresh."""
     if trainer.dist.is_main:
         run_dir = trainer.run_dir
         if not resume:
             for name in ("metrics.jsonl", "train.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(trainer.config.to_dict(), sort_keys=False))
-        (run_dir / "labeled_indices.json").write_text(json.dumps(trainer.data.labeled_idx.tolist()))
+        write_labeled(run_dir, trainer.data, resume)
     trainer.dist.barrier()

@@ -45,13 +45,32 @@ class AugmentConfig(Section):
                                                               "rows (plugins draw their own views too)")
 
 
+class StreamConfig(Section):
+    """How image files (data.name=image_folder) are decoded: in DataLoader worker processes, into fixed-size
+    uint8 batches that are pinned, copied to the device without blocking and prefetched ahead."""
+
+    workers: int | None = Field(None, ge=0, description="Decoding processes per training process; None: the "
+                                "CPUs per training process less one (1 to 12); 0: decode in the training process")
+    prefetch: int = Field(2, ge=1, description="Batches each worker decodes ahead")
+    memory_budget_gb: float | None = Field(None, gt=0, description="data.streaming=auto streams when the decoded "
+                                           "images need more; None: a quarter of the device's memory (the GPU's, "
+                                           "or the host's on CPU)")
+    crop: Literal["resize", "center", "random_resized_crop"] = Field(
+        "resize", description="How a file becomes image_size x image_size: the whole image resized, the centre "
+        "square, or a random crop anew at every step (streamed training rows; evaluation: the centre)")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: range of the area fraction")
+    decode: Literal["workers", "device"] = Field("workers", description="device: JPEGs decoded in batches on the "
+                                                 "training device (nvjpeg on CUDA) and the workers only read files")
+
+
 class DataConfig(Section):
     name: str = Field("two_moons", description="Dataset: two_moons, fashion_mnist, cifar10, cifar100, svhn, stl10, "
                       "image_folder, tabular, sklearn, synthetic")
     root: str | None = Field(None, description="Where the dataset's files are; None: the dataset's default")
     download: bool = Field(False, description="Download torchvision datasets that are missing (needs internet)")
     options: dict[str, Any] = Field({}, description="Dataset-specific options, e.g. two_moons {noise: 0.1}")
-    num_labeled: int = Field(8, ge=1, description="Labeled training rows, class-balanced, drawn with the seed")
+    num_labeled: int | None = Field(8, ge=1, description="Labeled training rows, class-balanced, drawn with the "
+                                    "seed; None: every train row with a label")
     num_unlabeled: int | None = Field(None, ge=1, description="Cap on the unlabeled rows; None: all the others")
     include_labeled_in_unlabeled: bool = Field(True, description="The labeled rows are also unlabeled rows")
     class_mismatch: ClassMismatch | None = Field(None, description="Open-set split (unseen classes among the "
@@ -61,6 +80,14 @@ class DataConfig(Section):
                                       "has an unlabeled loss")
     normalize: bool = Field(True, description="Images: per-channel mean/std normalisation after augmentation")
     augment: AugmentConfig = Field(AugmentConfig(), description="Augmentation of the views")
+    image_size: int | None = Field(None, ge=1, description="Image files: the side in pixels of every decoded "
+                                   "image (required for image_folder)")
+    streaming: Literal["auto"] | bool = Field("auto", description="Image files: stream from disk (true), hold "
+                                              "decoded on the device (false), or stream when the decoded images "
+                                              "exceed data.stream.memory_budget_gb (auto)")
+    on_bad_file: Literal["skip", "error"] = Field("skip", description="Image files: skip an unreadable file "
+                                                  "(reported with its path, counted) or stop the run")
+    stream: StreamConfig = Field(StreamConfig(), description="Image files: how they are decoded and streamed")
 
 
 class ModelConfig(Section):

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .imagefiles import ImageSpec, find_image_files, path_at, read_image
+
 DEFAULT_ROOT = "data"  # root for the torchvision datasets when none is given
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -29,7 +31,6 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -61,20 +62,24 @@ def _labels(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), dtype=torch.int64)
 
 
-def image_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1].
+def channel_histograms(x: torch.Tensor) -> torch.Tensor:
+    """Counts of each of the 256 levels per channel of uint8 images ``[N, C, H, W]``: int64 ``[C, 256]``."""
+    return torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])])
+
+
+def image_stats(x: torch.Tensor | None = None, histograms: torch.Tensor | None = None
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1], or of the
+    images behind summed ``channel_histograms``.
 
     Exact: computed in float64 from each channel's 256-bin histogram, so memory stays O(one channel).
     """
     levels = torch.arange(256, dtype=torch.float64) / 255
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        p = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        p /= p.sum()
-        mean = (p * levels).sum()
-        means.append(mean.item())
-        stds.append(((p * levels**2).sum() - mean**2).clamp_min(0).sqrt().item())
-    return tuple(means), tuple(stds)
+    p = (channel_histograms(x) if histograms is None else histograms).double()
+    p /= p.sum(1, keepdim=True)
+    mean = (p * levels).sum(1)
+    std = ((p * levels**2).sum(1) - mean**2).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _image_arrays(train_x, train_y, test_x, test_y, classes, extra=None) -> DatasetArrays:
@@ -239,41 +244,19 @@ def load_stl10(root=None, download=False, *, use_unlabeled_split=True) -> Datase
 
 
 # ----------------------------------------------------------------------------- image folder
-def load_image_folder(root=None, download=False, *, image_size=32, grayscale=False) -> DatasetArrays:
-    """Images in ``root/{train,test}/<class>/*.{png,jpg,jpeg,bmp}``; label ids follow the sorted train
-    class folder names. Each image is converted to RGB (L if ``grayscale``) and resized (bilinear) to
-    ``image_size`` x ``image_size``. ``download`` is ignored."""
-    from PIL import Image
+def load_image_folder(root=None, download=False, *, image_size=32, grayscale=False, train=None, unlabeled=None,
+                      test=None) -> DatasetArrays:
+    """Every image of an image folder (layout in `imagefiles`; a run reads them through `streaming`, resident
+    or streamed) decoded and resized to ``image_size`` x ``image_size``; the unlabeled images are
+    ``extra_unlabeled_x``. Raises ConfigError for a bad layout, BadImageFile for an unreadable file."""
+    files = find_image_files(root, train, unlabeled, test, grayscale)
+    spec = ImageSpec(image_size, files.channels)
 
-    layout = f"<root>/train/<class>/*.png|jpg|jpeg|bmp and <root>/test/<class>/*"
-    if root is None:
-        raise DatasetNotFoundError(f"image_folder needs data.root=<folder laid out as {layout}>")
-    for split in ("train", "test"):
-        if not (Path(root) / split).is_dir():
-            raise DatasetNotFoundError(f"image_folder: {Path(root) / split} is missing; expected {layout} "
-                                       f"(set data.root=<that folder>)")
-    classes = sorted(p.name for p in (Path(root) / "train").iterdir() if p.is_dir())
-    unknown = sorted({p.name for p in (Path(root) / "test").iterdir() if p.is_dir()} - set(classes))
-    if unknown:
-        raise ValueError(f"image_folder: test classes {unknown} have no folder under {Path(root) / 'train'}")
+    def read(paths):
+        return torch.stack([read_image(path_at(paths, i), spec) for i in range(len(paths))]) if len(paths) else None
 
-    def read(split):
-        xs, ys = [], []
-        for label, name in enumerate(classes):
-            for path in sorted((Path(root) / split / name).glob("*")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    with Image.open(path) as im:
-                        im = im.convert("L" if grayscale else "RGB")
-                        if im.size != (image_size, image_size):
-                            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                        xs.append(np.asarray(im))
-                    ys.append(label)
-        if not xs:
-            raise DatasetNotFoundError(f"image_folder: no images found in {Path(root) / split}; expected {layout}")
-        x = np.stack(xs)
-        return _tensor(x[:, None] if grayscale else x.transpose(0, 3, 1, 2)), _labels(ys)
-
-    return _image_arrays(*read("train"), *read("test"), classes)
+    return _image_arrays(read(files.train), files.train_y, read(files.test), files.test_y, files.classes,
+                         read(files.unlabeled))
 
 
 # ----------------------------------------------------------------------------- tabular

@@ -269,6 +269,7 @@ def header_lines(trainer) -> list[str]:
     rows = [("device", f"{where} · amp {amp[trainer.amp_dtype]} · memory format {memory}"
              + (" · torch.compile" if tc.compile else "")),
             ("data", f"{config.data.name}: {data.num_classes} classes, {shape} {data.kind}s"),
+            ("input", data.input_path),
             ("split", f"{len(data.labeled_idx):,} labeled · {unlabeled} · {len(data.test_y):,} test · "
                       f"seed {config.seed}"),
             ("model", f"{config.model.name}: {params:,} parameters" + (f" · EMA {tc.ema}" if tc.ema else "")),

@@ -154,7 +154,8 @@ def ssl_metrics(result, ctx):
 def ssl_evaluate_end(model, data, prepare, metrics, step, logger):
     """Notify after each evaluation of `model` (the evaluated model: the EMA model when EMA is on).
 
-    Collected; runs on every process; return nothing. data: the run's `SSLData`; prepare(x): raw
+    Collected; runs on every process; return nothing. data: the run's `SSLData` (streamed image files:
+    `data.train_x[idx]` and `data.test_x[idx]` decode those rows on access); prepare(x): raw
     dataset rows (e.g. `data.test_x[i]`) -> model inputs, un-augmented and normalised as the
     evaluation feeds them (the run's memory format); metrics: the evaluation's dict (summed over
     processes), to which a plugin may add evaluation scalars `metrics["<plugin>/<name>"] = float`

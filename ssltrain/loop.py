@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from . import checkpoint, distributed, rng
 from .config import RunConfig, check_names, notes
-from .data import Augmenter, BatchStream, build_data
+from .data import Augmenter, batch_source, build_data
 from .defaults import CoreDefaults
 from .display import Display, header_lines
 from .errors import Interrupted
@@ -91,19 +91,13 @@ class Trainer:
                                   for impl in self.hook.ssl_unlabeled_loss.get_hookimpls())
         self.batch_l = self.dist.rank_batch(config.data.batch_size, tc.distributed.batch)
         self.batch_u = self.dist.rank_batch(config.data.unlabeled_batch_size, tc.distributed.batch) if self.uses_unlabeled else 0
-        world = self.dist.world
-        self.labeled = BatchStream(self.data.labeled_idx, self.batch_l * world, config.seed)
-        self.unlabeled = BatchStream(self.data.unlabeled_idx, max(self.batch_u, 1) * world, config.seed + 1)
+        self.source = batch_source(self.data, config, self.dist, self.batch_l, self.batch_u)  # resident or streamed
         self.step = 0
         self.stop = StopFlag()  # SIGINT/SIGTERM during fit: finish the step, write a checkpoint, raise Interrupted
         self.history: list[list[float]] = []  # [step, test top1] per evaluation
         self.final_eval: dict[str, float] = {}  # the last evaluation's scalars, plugins' included
         self.seconds = {"wall": 0.0, "train": 0.0}
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # of the first session (kept on resume)
-
-    def _rows(self, stream: BatchStream, step: int, size: int) -> torch.Tensor:
-        """This rank's disjoint slice of the step's global batch."""
-        return stream.at(step)[self.dist.rank * size:(self.dist.rank + 1) * size]
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -127,14 +121,11 @@ class Trainer:
 
     def draw(self, step: int) -> SSLBatch:
         """The batch of `step`: labeled (and, when a plugin uses them, unlabeled) rows with default views."""
-        view = self.config.data.augment
-        li = self._rows(self.labeled, step, self.batch_l)
-        raw_l = self.augment.raw(self.data.train_x[li])
-        ui = self._rows(self.unlabeled, step, self.batch_u) if self.uses_unlabeled else li[:0]
-        raw_u = self.augment.raw(self.data.train_x[ui])
-        return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[li],
+        view, rows = self.config.data.augment, self.source.rows(step)  # this process's share, on the device
+        raw_l, raw_u = self.augment.raw(rows.x_l), self.augment.raw(rows.x_u)
+        return SSLBatch(x_l=self.augment.view(raw_l, view.labeled_view), y_l=self.data.y_hidden[rows.idx_l],
                         x_u=self.augment.view(raw_u, view.unlabeled_view), raw_l=raw_l, raw_u=raw_u,
-                        y_u_hidden=self.data.y_hidden[ui], idx_u=ui, idx_l=li)
+                        y_u_hidden=self.data.y_hidden[rows.idx_u], idx_u=rows.idx_u, idx_l=rows.idx_l)
 
     def forward_fn(self, params=None):
         """The model call of a closure: the (compiled) model, or a functional call on `params`
@@ -239,10 +230,9 @@ class Trainer:
         """Test metrics of the EMA model (when EMA is on) through `ssl_predict`."""
         model = self.ema.module if self.ema is not None else self.model
         model.eval()
-        shard = slice(self.dist.rank, None, self.dist.world)
         prepare = functools.partial(self.augment, name="none")
-        metrics = evaluate(lambda x: self.predict(model, prepare(x)), self.data.test_x[shard],
-                           self.data.test_y[shard], self.data.num_classes, self.config.train.eval_batch_size,
+        test = self.source.test_batches(self.config.train.eval_batch_size)  # this process's shard
+        metrics = evaluate(lambda x: self.predict(model, prepare(x)), test, self.data.num_classes, self.device,
                            sum_=self.dist.sum_)
         metrics["evaluated_model"] = "ema" if self.ema is not None else "online"
         if logger is not None:
