@@ -36,7 +36,7 @@ class FixMatch(WeakStrongPlugin):
     incompatible = guessers_except("fixmatch")
 
     class Config(PseudoLabelConfig):
-        threshold: float = Field(0.95, gt=0, le=1)  # tau: confidence of the weak view's argmax to keep a row
+        threshold: float = Field(0.95, gt=0, le=1, description="Tau: confidence of the weak view's argmax to keep a row.")
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):

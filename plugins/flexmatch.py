@@ -65,8 +65,8 @@ class FlexMatch(WeakStrongPlugin):
     incompatible = guessers_except("flexmatch")
 
     class Config(PseudoLabelConfig):
-        threshold: float = Field(0.95, gt=0, le=1)  # tau: the fixed threshold that selects and that T_c rises to
-        threshold_warmup: bool = True  # count never-selected samples in beta's denominator (official default)
+        threshold: float = Field(0.95, gt=0, le=1, description="Tau: the fixed threshold that selects and that T_c rises to.")
+        threshold_warmup: bool = Field(True, description="Count never-selected samples in beta's denominator (official default).")
 
     def __init__(self, config=None):
         super().__init__(config)

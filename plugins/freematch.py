@@ -101,8 +101,8 @@ class FreeMatch(WeakStrongPlugin):
     incompatible = guessers_except("freematch")
 
     class Config(PseudoLabelConfig):
-        lambda_f: float = Field(0.001, ge=0)  # weight of the fairness term (official `ent_loss_ratio` in the configs)
-        momentum: float = Field(0.999, gt=0, lt=1)  # EMA momentum of the statistics (official `ema_p`)
+        lambda_f: float = Field(0.001, ge=0, description="Weight of the fairness term (official `ent_loss_ratio` in the configs).")
+        momentum: float = Field(0.999, gt=0, lt=1, description="EMA momentum of the statistics (official `ema_p`).")
 
     def setup(self, data, device):
         self.status = initial_status(data.num_classes, device)

@@ -33,9 +33,9 @@ class PseudoLabel(SSLPlugin):
     incompatible = guessers_except("pseudo_label")
 
     class Config(Section):
-        threshold: float = Field(0.95, gt=0, le=1)  # tau
-        lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term after the warm-up
-        warmup: float = Field(0.4, ge=0, le=1)  # linear ramp of lambda_u over this fraction of train.steps
+        threshold: float = Field(0.95, gt=0, le=1, description="Tau: keep a row whose max probability is at least this.")
+        lambda_u: float = Field(1.0, ge=0, description="Weight of the unlabeled term after the warm-up.")
+        warmup: float = Field(0.4, ge=0, le=1, description="Linear ramp of lambda_u over this fraction of train.steps.")
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -49,8 +49,8 @@ Per-class learning status:
 Diagnostics (read at log steps, diagnostics only):
 
 - `diagnostics(prefix, probs, mask, hidden, thresholds=None)`: "<prefix>/mask_rate" (mean mask: the utilisation
-  ratio, official `util_ratio`), "<prefix>/pseudo_acc_kept" (accuracy in % of the pseudo-labels on the kept rows,
-  weighted by the mask, so a soft mask gives a weighted accuracy), "<prefix>/pseudo_acc_all" (on every row),
+  ratio, official `util_ratio`), "<prefix>/pseudo_acc_kept_pct" (accuracy in % of the pseudo-labels on the kept
+  rows, weighted by the mask, so a soft mask gives a weighted accuracy), "<prefix>/pseudo_acc_all_pct" (on every row),
   both over rows of a known class (`batch.y_u_hidden` >= 0; never used in a loss), and per-class thresholds
   "<prefix>/threshold_min|mean|max" (+ "<prefix>/threshold_c<k>" for C <= 10) when given.
 
@@ -192,8 +192,8 @@ def diagnostics(prefix: str, probs: Tensor, mask: Tensor, hidden: Tensor, thresh
     correct = (probs.argmax(-1) == hidden).float() * seen
     kept = mask.float() * seen
     out = {f"{prefix}/mask_rate": mask.float().mean(),
-           f"{prefix}/pseudo_acc_kept": 100 * (correct * kept).sum() / kept.sum().clamp(min=1e-12),
-           f"{prefix}/pseudo_acc_all": 100 * correct.sum() / seen.sum().clamp(min=1)}
+           f"{prefix}/pseudo_acc_kept_pct": 100 * (correct * kept).sum() / kept.sum().clamp(min=1e-12),
+           f"{prefix}/pseudo_acc_all_pct": 100 * correct.sum() / seen.sum().clamp(min=1)}
     if thresholds is not None:
         out.update({f"{prefix}/threshold_min": thresholds.min(), f"{prefix}/threshold_mean": thresholds.mean(),
                     f"{prefix}/threshold_max": thresholds.max()})
@@ -214,19 +214,42 @@ def guessers_except(name: str) -> dict[str, str]:
                    "(two label guessers)" for other in LABEL_GUESSERS if other != name}
 
 
+#: What the family's TensorBoard tags mean ("<plugin>/" prefixed by `WeakStrongPlugin.descriptions`).
+FAMILY_DESCRIPTIONS = {
+    "unlabeled": "lambda_u times the mean over the unlabeled rows of mask * cross-entropy of the strong view against "
+                 "the weak view's pseudo-label (rows below the threshold count 0).",
+    "mask_rate": "Mean mask over the unlabeled rows (share kept, weighted for a soft mask; official util_ratio), "
+                 "in [0, 1].",
+    "pseudo_acc_kept_pct": "Accuracy of the pseudo-labels on the kept rows (weighted by the mask), in %, by the hidden "
+                           "labels (diagnosis only; rows of an unknown class excluded).",
+    "pseudo_acc_all_pct": "Accuracy of the pseudo-labels on every unlabeled row, in %, by the hidden labels "
+                          "(diagnosis only; rows of an unknown class excluded).",
+    "threshold_min": "Smallest per-class confidence threshold, a probability in [0, 1].",
+    "threshold_mean": "Mean per-class confidence threshold, a probability in [0, 1].",
+    "threshold_max": "Largest per-class confidence threshold, a probability in [0, 1].",
+}
+
+
 class PseudoLabelConfig(Section):
     """Settings every hard/soft pseudo-label plugin of the family shares (subclass it for a plugin's Config)."""
 
-    lambda_u: float = Field(1.0, ge=0)  # weight of the unlabeled term (official `lambda_u` / `wu`)
-    hard_label: bool = True  # argmax pseudo-labels (official); False: softmax(weak / T) soft targets
-    T: float = Field(0.5, gt=0)  # temperature of the soft targets (hard_label: false only)
+    lambda_u: float = Field(1.0, ge=0, description="Weight of the unlabeled term (official `lambda_u` / `wu`).")
+    hard_label: bool = Field(True, description="Argmax pseudo-labels (official); False: softmax(weak / T) soft targets.")
+    T: float = Field(0.5, gt=0, description="Temperature of the soft targets (hard_label: false only).")
 
 
 class WeakStrongPlugin(SSLPlugin):
     """Base of the weak/strong pseudo-labeling plugins (module docstring). Owns `ssl_forward`.
 
     State: a subclass keeps its running state in `self.status`, a NamedTuple of tensors (None: stateless), built
-    in `setup`; the base checkpoints and restores it."""
+    in `setup`; the base checkpoints and restores it. `own_descriptions`: a subclass's tags beyond the family's
+    (keys without the "<plugin>/" prefix)."""
+
+    own_descriptions: dict[str, str] = {}
+
+    @property
+    def descriptions(self) -> dict[str, str]:
+        return {f"{self.name}/{k}": v for k, v in {**FAMILY_DESCRIPTIONS, **self.own_descriptions}.items()}
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -266,6 +289,7 @@ class WeakStrongPlugin(SSLPlugin):
         outputs = forward_weak_strong(batch, forward)
         if batch.x_u.shape[0]:
             outputs.y_u = self.soft_targets(outputs)
+            batch.extras[f"{self.name}/pseudo_labels"] = guessed_probs(outputs)  # TensorBoard's sample grid
         return outputs
 
     @hookimpl

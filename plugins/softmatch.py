@@ -82,9 +82,9 @@ class SoftMatch(WeakStrongPlugin):
     incompatible = guessers_except("softmatch")
 
     class Config(PseudoLabelConfig):
-        n_sigma: float = Field(2.0, gt=0)  # the Gaussian's std is sqrt(var) / n_sigma
-        momentum: float = Field(0.999, gt=0, lt=1)  # EMA momentum of p_model, mu and var (official `ema_p`)
-        distribution_alignment: bool = True  # uniform alignment of the confidences (official)
+        n_sigma: float = Field(2.0, gt=0, description="The Gaussian's std is sqrt(var) / n_sigma.")
+        momentum: float = Field(0.999, gt=0, lt=1, description="EMA momentum of p_model, mu and var (official `ema_p`).")
+        distribution_alignment: bool = Field(True, description="Uniform alignment of the confidences (official).")
 
     def setup(self, data, device):
         self.status = initial_status(data.num_classes, device)

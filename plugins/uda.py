@@ -73,10 +73,10 @@ class UDA(WeakStrongPlugin):
     incompatible = guessers_except("uda")
 
     class Config(Section):
-        lambda_u: float = Field(1.0, ge=0)  # coefficient of the unlabeled term (official `unsup_coeff`)
-        T: float = Field(0.4, gt=0)  # softmax temperature of the targets (official `uda_softmax_temp`)
-        threshold: float = Field(0.8, gt=0, le=1)  # beta: keep rows whose weak max prob is above it
-        tsa: Literal["none", "linear", "exp", "log"] = "none"  # training signal annealing schedule
+        lambda_u: float = Field(1.0, ge=0, description="Coefficient of the unlabeled term (official `unsup_coeff`).")
+        T: float = Field(0.4, gt=0, description="Softmax temperature of the targets (official `uda_softmax_temp`).")
+        threshold: float = Field(0.8, gt=0, le=1, description="Beta: keep rows whose weak max prob is above it.")
+        tsa: Literal["none", "linear", "exp", "log"] = Field("none", description="Training signal annealing schedule.")
 
     def __init__(self, config=None):
         super().__init__(config)

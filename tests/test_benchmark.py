@@ -111,3 +111,24 @@ def test_a_signal_stops_the_whole_matrix(tmp_path, monkeypatch, capsys):
     pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
     assert run_matrix(tmp_path, [pi]) == 130
     assert len(calls) == 1 and "run the same command again" in capsys.readouterr().err
+
+
+def test_parallel_cells_seed_by_seed_same_results_and_resume(tmp_path, capsys):
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    argv = [pi, "--labels", "4", "--seeds", "0", "1", "--name", "tiny", "--out", str(tmp_path / "results")]
+    assert benchmark.main([*argv, "--runs", str(tmp_path / "in_process")]) == 0
+    sequential = read_rows(tmp_path)
+    capsys.readouterr()
+    parallel_argv = [*argv, "--runs", str(tmp_path / "runs"), "--jobs", "2"]
+    assert benchmark.main(parallel_argv) == 0  # 4 cells, 2 at a time, each its own `ssltrain train` process
+    starts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[benchmark] running")]
+    assert ["seed=0" in line for line in starts] == [True, True, False, False]  # every seed-0 cell first
+    rows = read_rows(tmp_path)
+    assert [(r["method"], r["seed"], r["test_top1"]) for r in rows] == [  # the numbers of the in-process cells
+        (r["method"], r["seed"], r["test_top1"]) for r in sequential]
+
+    victim = Path(rows[0]["command"].split("--out ")[1])
+    (victim / "summary.json").unlink()
+    assert benchmark.main(parallel_argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("[benchmark] resuming") == 1 and "[benchmark] running" not in log and read_rows(tmp_path) == rows

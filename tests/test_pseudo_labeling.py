@@ -138,11 +138,11 @@ def test_diagnostics_mask_rate_and_pseudo_label_accuracy_on_kept_and_all_rows():
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
     d = diagnostics("m", probs, mask, hidden, torch.tensor([0.5, 0.25]))
     assert d["m/mask_rate"].item() == pytest.approx(0.6)
-    assert d["m/pseudo_acc_kept"].item() == pytest.approx(50.0)  # rows 0 (right) and 1 (wrong)
-    assert d["m/pseudo_acc_all"].item() == pytest.approx(50.0)  # rows 0 and 2 right of 4
+    assert d["m/pseudo_acc_kept_pct"].item() == pytest.approx(50.0)  # rows 0 (right) and 1 (wrong)
+    assert d["m/pseudo_acc_all_pct"].item() == pytest.approx(50.0)  # rows 0 and 2 right of 4
     assert d["m/threshold_c1"].item() == 0.25 and d["m/threshold_max"].item() == 0.5
     soft = diagnostics("m", probs, torch.tensor([1.0, 0.5, 0.5, 0.0, 0.0]), hidden)
-    assert soft["m/pseudo_acc_kept"].item() == pytest.approx(100 * 1.5 / 2.0)  # weighted by the mask
+    assert soft["m/pseudo_acc_kept_pct"].item() == pytest.approx(100 * 1.5 / 2.0)  # weighted by the mask
 
 
 @pytest.mark.parametrize("plugin", ["fixmatch", "flexmatch", "freematch", "softmatch", "uda"])

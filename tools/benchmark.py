@@ -1,7 +1,7 @@
 """Benchmark matrix: configs x label counts x seeds, always with the supervised baseline.
 
     python tools/benchmark.py configs/mixmatch_fashion_mnist.yaml --labels 40 250 1000 --seeds 0 1 \
-        [--set train.steps=3000 ...] [--name fashion_mnist] [--out results] [--runs runs/benchmark]
+        [--set train.steps=3000 ...] [--name fashion_mnist] [--out results] [--runs runs/benchmark] [--jobs N]
 
 Every config is run at every label count (`data.num_labeled`) and seed (`seed`: the labeled split
 and the initialisation). For each config the supervised baseline is the same config with
@@ -12,6 +12,12 @@ The hash covers defaults too: a new option in a plugin's Config (even one that k
 behaviour) gives that plugin's cells new names, and they are re-run.
 Writes `<out>/<name>.md` and `<out>/<name>.csv` (every cell, plus mean ± std over seeds) with the
 command that reproduces them.
+
+`--jobs N` trains N cells at a time, each as its own `ssltrain train` process (its output in the
+cell's `train.log`): small models leave a GPU mostly idle, and several processes fill it. Cells then
+start seed by seed (every method's seed 0 first, in the order of `--labels`), so a matrix stopped early
+holds whole comparisons at fewer seeds. SIGINT/SIGTERM stop the matrix: running cells write a
+checkpoint, and the same command resumes them.
 """
 from __future__ import annotations
 
@@ -20,8 +26,11 @@ import csv
 import hashlib
 import json
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +70,13 @@ class Cell:
         c = self.config  # named by `plugins`, not `method`: a cell's directory must not depend on its peers
         return root / f"{c.data.name}-n{c.data.num_labeled}-{self.plugins}-s{c.seed}-{self.key}"
 
+    def argv(self, root: Path) -> list[str]:
+        """`ssltrain train` arguments that train this cell."""
+        return ["train", self.config_path, *(a for o in self.overrides for a in ("--set", o)),
+                "--out", str(self.run_dir(root))]
+
     def command(self, root: Path) -> str:
-        sets = " ".join(f"--set {shlex.quote(o)}" for o in self.overrides)
-        return f"ssltrain train {shlex.quote(self.config_path)} {sets} --out {shlex.quote(str(self.run_dir(root)))}"
+        return "ssltrain " + shlex.join(self.argv(root))
 
 
 def build_cells(config_paths: list[str], labels: list[int], seeds: list[int], overrides: list[str],
@@ -102,6 +115,59 @@ def run_cell(cell: Cell, root: Path, classes: dict[str, type]) -> dict | None:
     except SSLTrainError as exc:
         print(f"[benchmark] FAILED {run_dir.name}: {exc}", file=sys.stderr, flush=True)
         return None
+
+
+def seed_major(cells: list[Cell], labels: list[int], seeds: list[int]) -> list[Cell]:
+    """Cells ordered seed by seed, then by label count in the given order (stable within)."""
+    return sorted(cells, key=lambda c: (seeds.index(c.config.seed), labels.index(c.config.data.num_labeled)))
+
+
+def run_parallel(cells: list[Cell], root: Path, jobs: int, on_done) -> bool:
+    """Train `cells` as `ssltrain train` processes, `jobs` at a time, calling `on_done(cell, summary or
+    None)` as each ends (in any order). Returns False when SIGINT/SIGTERM stopped the matrix: the
+    running cells got the signal and wrote checkpoints; cells not started were left."""
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+
+    old = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pending, running = list(cells), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not stop["requested"]:
+                cell = pending.pop(0)
+                run_dir = cell.run_dir(root)
+                if (run_dir / "summary.json").exists():
+                    on_done(cell, json.loads((run_dir / "summary.json").read_text()))
+                    continue
+                resume = (run_dir / "checkpoints" / "last.pt").exists()
+                print(f"[benchmark] {'resuming' if resume else 'running'}: {cell.command(root)}", flush=True)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "train.log", "a") as log:
+                    argv = [sys.executable, "-m", "ssltrain", *cell.argv(root), *(["--resume"] if resume else [])]
+                    running[subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)] = cell
+            if stop["requested"]:
+                for proc in running:
+                    proc.send_signal(signal.SIGTERM)  # each cell finishes its step and writes a checkpoint
+                for proc in running:
+                    proc.wait()
+            for proc in [p for p in running if p.poll() is not None]:
+                cell = running.pop(proc)
+                summary_path = cell.run_dir(root) / "summary.json"
+                if summary_path.exists():
+                    on_done(cell, json.loads(summary_path.read_text()))
+                elif not stop["requested"]:
+                    print(f"[benchmark] FAILED {summary_path.parent.name} (exit {proc.returncode}): see "
+                          f"{summary_path.parent / 'train.log'}", file=sys.stderr, flush=True)
+                    on_done(cell, None)
+            if stop["requested"]:
+                return False
+            time.sleep(0.2)
+        return True
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def row_of(cell: Cell, summary: dict | None, metrics: list[str] = ()) -> dict:
@@ -184,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/benchmark", help="folder of the cells' run directories")
     p.add_argument("--metric", action="append", default=[], metavar="KEY",
                    help="extra column from the last evaluation, e.g. sla/top1_si or flowgmm/bpd (summary.json final_eval)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at a time, each in its own process")
     args = p.parse_args(argv)
     classes = discover()
     try:
@@ -193,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(args.runs)
     invocation = "python tools/benchmark.py " + shlex.join(argv)
+    if args.jobs > 1:
+        return run_matrix_parallel(cells, root, args, invocation)
     rows, commands = [], []
     for i, cell in enumerate(cells):
         print(f"[benchmark] cell {i + 1}/{len(cells)}: {cell.run_dir(root).name}", flush=True)
@@ -205,6 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(cell.command(root))
         write_report(rows, commands, Path(args.out), args.name, invocation)  # partial tables as cells finish
     return 0 if all(r["test_top1"] is not None for r in rows) else 1
+
+
+def run_matrix_parallel(cells: list[Cell], root: Path, args, invocation: str) -> int:
+    """--jobs N: the matrix seed-major in N processes; tables (in the matrix's order) rewritten as cells end."""
+    done: dict[int, dict | None] = {}
+
+    def on_done(cell: Cell, summary: dict | None) -> None:
+        done[id(cell)] = summary
+        print(f"[benchmark] {len(done)}/{len(cells)} cells done: {cell.run_dir(root).name}", flush=True)
+        finished = [c for c in cells if id(c) in done]
+        write_report([row_of(c, done[id(c)], args.metric) for c in finished], [c.command(root) for c in finished],
+                     Path(args.out), args.name, invocation)
+
+    if not run_parallel(seed_major(cells, args.labels, args.seeds), root, args.jobs, on_done):
+        print("[benchmark] stopped by signal; run the same command again to resume the matrix", file=sys.stderr)
+        return 130
+    return 0 if all(s is not None for s in done.values()) else 1
 
 
 if __name__ == "__main__":
