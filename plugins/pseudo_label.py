@@ -23,8 +23,8 @@ from pydantic import Field
 
 from ssltrain import LossTerm, Outputs, SSLPlugin, Section, hookimpl, linear_rampup
 
-from ssltrain_plugins.pseudo_labeling import (class_probs, confidence_mask, diagnostics, guessers_except,
-                                              pseudo_label_loss)
+from ssltrain_plugins.pseudo_labeling import (check_unlabeled_ratio, class_probs, confidence_mask, diagnostics,
+                                              guessers_except, pseudo_label_loss)
 
 
 class PseudoLabel(SSLPlugin):
@@ -40,6 +40,10 @@ class PseudoLabel(SSLPlugin):
     def __init__(self, config=None):
         super().__init__(config)
         self.diagnostics: dict[str, torch.Tensor] = {}
+
+    @hookimpl
+    def ssl_configure(self, config):
+        check_unlabeled_ratio(config, self.name)
 
     def ramp(self, ctx) -> float:
         return linear_rampup(ctx.step, round(self.config.warmup * ctx.total_steps))

@@ -23,6 +23,8 @@ with the labeled rows, cat(x_l, u_weak, u_strong), in train mode, and are split 
 - `check_strong_view(config, data, plugin)`: ConfigError at startup, naming the key, its value and the fix, when
   the strong view would be no stronger than the weak one (vectors: `data.augment.strong_noise_std` not above
   `data.augment.noise_std`; images: `num_ops` 0 and `cutout` 0). The family's base calls it.
+- `check_unlabeled_ratio(config, plugin)`: ConfigError at startup, naming both keys, their values and a fix, when
+  `data.unlabeled_batch_size` is not a multiple of `data.batch_size` (the official uratio is an integer).
 - `guessers_except(name)`: `SSLPlugin.incompatible` for a label guesser (every other name in `LABEL_GUESSERS`),
   so that two guessers stop at startup naming both and why.
 
@@ -54,8 +56,8 @@ Diagnostics (read at log steps, diagnostics only):
   both over rows of a known class (`batch.y_u_hidden` >= 0; never used in a loss), and per-class thresholds
   "<prefix>/threshold_min|mean|max" (+ "<prefix>/threshold_c<k>" for C <= 10) when given.
 
-The plugin base `WeakStrongPlugin`: views in `ssl_modify_batch`, the forward, the startup check of the strong
-view, `outputs.y_u` (the soft targets for other plugins: NS3L's negatives), the metrics, and the checkpointing of
+The plugin base `WeakStrongPlugin`: views in `ssl_modify_batch`, the forward, the startup checks of the unlabeled
+ratio and the strong view, `outputs.y_u` (the soft targets for other plugins: NS3L's negatives), the metrics, and the checkpointing of
 `self.status` (a NamedTuple of tensors). A subclass sets `Config` (a `PseudoLabelConfig` for `masked_term`),
 implements `ssl_unlabeled_loss` (usually `return self.masked_term(outputs, batch, ctx, mask)`), and may override
 `soft_targets` (default: the weak view's probabilities) and `setup(data, device)` (builds `self.status`).
@@ -113,6 +115,17 @@ def check_strong_view(config, data, plugin: str) -> None:
         raise ConfigError(f"{plugin} trains a strong view against a weak one, but data.augment.num_ops=0 and "
                           f"data.augment.cutout=0 make the strong view a weak one; set data.augment.num_ops=2 "
                           f"(RandAugment, official) or data.augment.cutout=0.5")
+
+
+def check_unlabeled_ratio(config, plugin: str) -> None:
+    """ConfigError unless data.unlabeled_batch_size is a whole multiple of data.batch_size: the family draws uratio
+    unlabeled rows per labeled row, an integer in the official code (F:165-176 `uratio`; USB `--uratio`, int)."""
+    labeled, unlabeled = config.data.batch_size, config.data.unlabeled_batch_size
+    if unlabeled % labeled:
+        ratio = max(1, round(unlabeled / labeled))
+        raise ConfigError(f"{plugin} draws a whole number of unlabeled rows per labeled row (the official uratio), but "
+                          f"data.unlabeled_batch_size={unlabeled} is not a multiple of data.batch_size={labeled}; set "
+                          f"data.unlabeled_batch_size={ratio * labeled} (uratio {ratio}) or another multiple")
 
 
 # --- targets, thresholds, masks ----------------------------------------------------------------
@@ -273,6 +286,10 @@ class WeakStrongPlugin(SSLPlugin):
             self.diagnostics = {**diagnostics(self.name, guessed_probs(outputs), mask, batch.y_u_hidden, thresholds),
                                 **{f"{self.name}/{k}": v for k, v in logged.items()}}
         return LossTerm(f"{self.name}/unlabeled", pseudo_label_loss(outputs.logits_u, targets, mask), weight=cfg.lambda_u)
+
+    @hookimpl
+    def ssl_configure(self, config):
+        check_unlabeled_ratio(config, self.name)
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, config, data):

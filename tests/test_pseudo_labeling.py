@@ -154,6 +154,14 @@ def test_a_strong_view_on_vectors_without_strong_noise_is_a_startup_error(plugin
     Trainer(make_config(*IMAGES, "data.augment.num_ops=0", plugins=[plugin]), "unused")  # cutout alone is strong
 
 
+@pytest.mark.parametrize("plugin", ["fixmatch", "flexmatch", "freematch", "softmatch", "uda", "pseudo_label"])
+def test_an_unlabeled_batch_that_is_not_a_multiple_of_the_labeled_batch_is_a_startup_error(plugin):
+    with pytest.raises(ConfigError, match=r"data.unlabeled_batch_size=40 is not a multiple of data.batch_size=16; "
+                                          r"set data.unlabeled_batch_size=32 \(uratio 2\)"):
+        Trainer(make_config("data.unlabeled_batch_size=40", plugins=[plugin]), "unused")
+    Trainer(make_config("data.unlabeled_batch_size=48", plugins=[plugin]), "unused")  # uratio 3
+
+
 @pytest.mark.parametrize("plugins", [["fixmatch", "flexmatch"], ["freematch", "fixmatch"], ["fixmatch", "mixmatch"],
                                      ["uda", "pseudo_label"], ["mixmatch", "softmatch"]])
 def test_two_label_guessers_fail_at_startup_naming_both(plugins):
