@@ -1,6 +1,6 @@
 """FreeMatch (Wang et al., ICLR 2023): self-adaptive thresholds and the self-adaptive fairness term, faithful to
-the authors' code in USB (microsoft/Semi-supervised-learning at 1ef4cbe): semilearn/algorithms/freematch/
-freematch.py (U) and freematch/utils.py (X); cf. TorchSSL models/freematch_entropy/.
+the authors' code in USB (microsoft/Semi-supervised-learning at 1ef4cbe): semilearn/algorithms/freematch/freematch.py
+(U) and semilearn/algorithms/freematch/utils.py (X); cf. TorchSSL models/freematch_entropy/.
 
 Per step, FixMatch's forward (one forward over cat(x_l, u_weak, u_strong), U:72-79) and, from the weak view's
 probabilities q (detached):
@@ -99,6 +99,11 @@ class FreeMatch(WeakStrongPlugin):
     """The "freematch/unlabeled" (masked CE) and "freematch/fairness" terms (module docstring)."""
 
     incompatible = guessers_except("freematch")
+    own_descriptions = {
+        "fairness": "lambda_f times the self-adaptive fairness term: sum_c SumNorm(p~/h)_c log SumNorm(mean p_s / h_s)_c "
+                    "over the kept strong rows (U:16-44), one number per step, <= 0.",
+        "global_threshold": "tau_t, the EMA of the weak view's mean max probability (X:32), in [0, 1].",
+    }
 
     class Config(PseudoLabelConfig):
         lambda_f: float = Field(0.001, ge=0, description="Weight of the fairness term (official `ent_loss_ratio` in the configs).")

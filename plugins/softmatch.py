@@ -1,7 +1,7 @@
 """SoftMatch (Chen et al., ICLR 2023): soft truncated-Gaussian weights of the pseudo-labels instead of a hard
-threshold, with uniform distribution alignment, faithful to the authors' code in USB (microsoft/Semi-supervised-
-learning at 1ef4cbe): semilearn/algorithms/softmatch/softmatch.py (U), softmatch/utils.py (X) and
-hooks/dist_align.py (D).
+threshold, with uniform distribution alignment, faithful to the authors' code in USB
+(microsoft/Semi-supervised-learning at 1ef4cbe): semilearn/algorithms/softmatch/softmatch.py (U),
+semilearn/algorithms/softmatch/utils.py (X) and semilearn/algorithms/hooks/dist_align.py (D).
 
 Per step, FixMatch's forward (one forward over cat(x_l, u_weak, u_strong), U:59-66) and, from the weak view's
 probabilities q (detached, U:84):
@@ -80,6 +80,11 @@ class SoftMatch(WeakStrongPlugin):
     """The "softmatch/unlabeled" term: truncated-Gaussian weighted CE (module docstring)."""
 
     incompatible = guessers_except("softmatch")
+    own_descriptions = {
+        "mu": "mu_t, the EMA of the aligned max probability (X:39): rows at or above it get weight 1; in [0, 1].",
+        "std": "sqrt(var_t), the EMA standard deviation of the aligned max probability (X:40); the weights' Gaussian "
+               "has std sqrt(var_t) / n_sigma.",
+    }
 
     class Config(PseudoLabelConfig):
         n_sigma: float = Field(2.0, gt=0, description="The Gaussian's std is sqrt(var) / n_sigma.")
