@@ -97,6 +97,75 @@ def l2_per_row(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.float().softmax(-1) - targets).pow(2).mean(-1)
 
 
+def mix_into_batch(batch, x_l: Tensor, y_l: Tensor, views: list[Tensor], q: Tensor, alpha: float) -> None:
+    """MixUp of one pool: the labeled rows x_l (targets y_l [B, C]) and the unlabeled views (each
+    [B_u, ...], all with the target q [B_u, C]), each row mixed with a random row of the pool
+    (`mix_weights`, `mixup`). Writes the mixed labeled rows to batch.x_l/y_l and the mixed views,
+    view-major, to batch.x_u/y_u, and tiles y_u_hidden and idx_u to stay row-aligned."""
+    x_all, p_all = torch.cat([x_l, *views]), torch.cat([y_l, q.repeat(len(views), 1)])
+    n, b = x_all.shape[0], x_l.shape[0]
+    x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, alpha, x_all.device), torch.randperm(n, device=x_all.device))
+    batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
+    batch.x_u, batch.y_u = x_mix[b:], p_mix[b:]
+    batch.y_u_hidden = batch.y_u_hidden.repeat(len(views))
+    batch.idx_u = batch.idx_u.repeat(len(views))
+
+
+def interleaved_forward(forward, x_l: Tensor, x_u: Tensor) -> Outputs:
+    """The official batch-norm handling of MixMatch and ReMixMatch: forwards of B = len(x_l) rows each,
+    rows swapped between them (`interleave`) so that every forward sees labeled rows; only the first
+    forward updates the running statistics. len(x_u) must be a multiple of B."""
+    b, n_u = x_l.shape[0], x_u.shape[0]
+    if n_u % b:
+        raise PluginContractError(f"interleaved forward: {n_u} unlabeled rows are not a multiple of the {b} labeled "
+                                  f"rows (did another plugin change the batch?); use bn_mode=concat")
+    chunks = interleave([x_l, *x_u.split(b)], b)
+    outs = [forward(c, update_bn=i == 0) for i, c in enumerate(chunks)]
+    merged = {k: interleave([o[k] for o in outs], b) for k in outs[0]}
+    logits = merged.pop("logits")
+    return Outputs(logits_l=logits[0], logits_u=torch.cat(logits[1:]),
+                   extras_l={k: v[0] for k, v in merged.items()},
+                   extras_u={k: torch.cat(v[1:]) for k, v in merged.items()})
+
+
+def one_hot_targets(y: Tensor, num_classes: int) -> Tensor:
+    """Int labels [B] -> float one-hot [B, C]; soft targets [B, C] are returned as float."""
+    return (y if y.dim() == 2 else torch.nn.functional.one_hot(y, num_classes)).float()
+
+
+class DistributionAlignment:
+    """ReMixMatch's distribution alignment with its running marginals (Berthelot et al. 2020).
+
+    `__call__(probs, y_l)` aligns a batch of predictions [B, C] with `align_distribution`, where
+    p_model is a running mean (EMA, `momentum`) of the batch-mean predictions and p_target the class
+    marginal of every labeled row seen so far, then folds the batch into both estimates. The marginals
+    live on the device and are averaged over processes (every rank keeps the same state); they are
+    checkpointed through `state_dict` / `load_state_dict`."""
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.p_model: Tensor | None = None  # running mean of the unlabeled predictions, [C]
+        self.label_counts: Tensor | None = None  # labeled rows seen per class, [C]
+
+    def __call__(self, probs: Tensor, y_l: Tensor) -> Tensor:
+        if self.p_model is None:
+            self.p_model = torch.full_like(probs[0], 1.0 / probs.shape[1])
+            self.label_counts = torch.zeros_like(probs[0])
+        self.p_model, self.label_counts = self.p_model.to(probs.device), self.label_counts.to(probs.device)
+        labels, guesses = all_reduce_mean(torch.stack([y_l.sum(0), probs.mean(0)]))  # one collective
+        self.label_counts += labels
+        aligned = align_distribution(probs, self.p_model, self.label_counts / self.label_counts.sum())
+        self.p_model.lerp_(guesses, 1 - self.momentum)
+        return aligned
+
+    def state_dict(self) -> dict | None:
+        return None if self.p_model is None else {"p_model": self.p_model, "label_counts": self.label_counts}
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        if saved is not None:
+            self.p_model, self.label_counts = saved["p_model"].clone(), saved["label_counts"].clone()
+
+
 # --- the plugin ----------------------------------------------------------------------------------
 
 class MixMatch(SSLPlugin):
@@ -119,8 +188,15 @@ class MixMatch(SSLPlugin):
     def __init__(self, config=None):
         super().__init__(config)
         self.diagnostics: dict[str, Tensor] = {}
-        self.p_model: Tensor | None = None  # running mean of unlabeled predictions, [C]
-        self.label_counts: Tensor | None = None  # labeled rows seen per class, [C]
+        self.alignment = DistributionAlignment(self.config.alignment_momentum)
+
+    @property
+    def p_model(self) -> Tensor | None:
+        return self.alignment.p_model
+
+    @property
+    def label_counts(self) -> Tensor | None:
+        return self.alignment.label_counts
 
     @hookimpl
     def ssl_configure(self, config, plugins):
@@ -137,22 +213,14 @@ class MixMatch(SSLPlugin):
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):
         cfg = self.config
-        b = batch.x_l.shape[0]
         views = [ctx.augment(batch.raw_u, "weak") for _ in range(cfg.K)]
         with torch.no_grad():  # the official code drops the guessing forwards' BN updates
             probs = [ctx.predict(v, update_bn=False).float().softmax(-1) for v in views]
-        y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
-        y_l = y_l.float()
+        y_l = one_hot_targets(batch.y_l, ctx.num_classes)
         if cfg.distribution_alignment:
-            probs = [self._aligned(torch.stack(probs).mean(0), y_l)]
+            probs = [self.alignment(torch.stack(probs).mean(0), y_l)]
         q = guess_labels(probs, cfg.T)
-        x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l, q.repeat(cfg.K, 1)])
-        n = x_all.shape[0]
-        x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, cfg.alpha, x_all.device), torch.randperm(n, device=x_all.device))
-        batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
-        batch.x_u, batch.y_u = x_mix[b:], p_mix[b:]
-        batch.y_u_hidden = batch.y_u_hidden.repeat(cfg.K)
-        batch.idx_u = batch.idx_u.repeat(cfg.K)
+        mix_into_batch(batch, batch.x_l, y_l, views, q, cfg.alpha)
         batch.extras["mixmatch/views"] = torch.cat(views)  # un-mixed views, view-major [K*B_u, ...]
         batch.extras["mixmatch/guess"] = q  # sharpened guesses [B_u, C]
         if ctx.is_log_step:
@@ -163,45 +231,21 @@ class MixMatch(SSLPlugin):
                                 # C * the smallest class share of the guesses: 1 balanced, 0 a class never guessed
                                 "mixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
 
-    def _aligned(self, q_mean: Tensor, y_l: Tensor) -> Tensor:
-        """Align this batch's mean guesses [B, C], then fold the batch into the running marginals (on device,
-        averaged over processes: every rank keeps the same state)."""
-        if self.p_model is None:
-            self.p_model = torch.full_like(q_mean[0], 1.0 / q_mean.shape[1])
-            self.label_counts = torch.zeros_like(q_mean[0])
-        self.p_model, self.label_counts = self.p_model.to(q_mean.device), self.label_counts.to(q_mean.device)
-        labels, guesses = all_reduce_mean(torch.stack([y_l.sum(0), q_mean.mean(0)]))  # one collective
-        self.label_counts += labels
-        aligned = align_distribution(q_mean, self.p_model, self.label_counts / self.label_counts.sum())
-        self.p_model.lerp_(guesses, 1 - self.config.alignment_momentum)
-        return aligned
-
     @hookimpl
     def ssl_state_dict(self, state):
-        if self.p_model is not None:
-            state[self.name] = {"p_model": self.p_model, "label_counts": self.label_counts}
+        saved = self.alignment.state_dict()
+        if saved is not None:
+            state[self.name] = saved
 
     @hookimpl
     def ssl_load_state_dict(self, state):
-        saved = state.get(self.name)
-        if saved is not None:
-            self.p_model, self.label_counts = saved["p_model"].clone(), saved["label_counts"].clone()
+        self.alignment.load_state_dict(state.get(self.name))
 
     @hookimpl
     def ssl_forward(self, batch, forward):
-        b, n_u = batch.x_l.shape[0], batch.x_u.shape[0]
-        if self.config.bn_mode == "concat" or n_u == 0:
+        if self.config.bn_mode == "concat" or batch.x_u.shape[0] == 0:
             return None  # the core default: one forward over cat(x_l, x_u)
-        if n_u % b:
-            raise PluginContractError(f"mixmatch interleave: {n_u} unlabeled rows are not a multiple of the {b} "
-                                      f"labeled rows (did another plugin change the batch?); use mixmatch.bn_mode=concat")
-        chunks = interleave([batch.x_l, *batch.x_u.split(b)], b)
-        outs = [forward(c, update_bn=i == 0) for i, c in enumerate(chunks)]
-        merged = {k: interleave([o[k] for o in outs], b) for k in outs[0]}
-        logits = merged.pop("logits")
-        return Outputs(logits_l=logits[0], logits_u=torch.cat(logits[1:]),
-                       extras_l={k: v[0] for k, v in merged.items()},
-                       extras_u={k: torch.cat(v[1:]) for k, v in merged.items()})
+        return interleaved_forward(forward, batch.x_l, batch.x_u)
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):
