@@ -12,12 +12,13 @@ the teacher's predictions on a second, independently augmented view of every row
 - Consistency cost: (1/C) ||softmax(student) - softmax(teacher)||^2 per row, gradient to the student only
   (losses.py:15-27 `softmax_mse_loss`, the default `consistency_type` mse, cli.py:67-69; the teacher's
   logits are detached at main.py:244). The student's logits are the main forward's (`outputs.logits_*`);
-  the teacher's come from its forward on another draw of the same augmentation (`TransformTwice`, the
-  two inputs of main.py:215), in train mode (main.py:212: batch statistics, and its running statistics
+  the teacher's come from its forward on another draw of the same augmentation (`TransformTwice` of a
+  4-px translation and a flip, datasets.py:45-50, the two inputs of main.py:215: our "weak" view), in train mode (main.py:212: batch statistics, and its running statistics
   are not read by the loss), without gradient.
 - Weight: consistency * exp(-5 (1 - t)^2), t = step / rampup_steps clipped to 1 (main.py:399-401,
   ramps.py:19-26). The official ramp counts epochs; CIFAR-10 uses 5 epochs (experiments/cifar10_test.py:43)
-  of 46000 // 97 = 474 steps (the two-stream sampler's length at 4000 labels), hence 2370 steps.
+  of 46000 // 97 = 474 steps (the two-stream sampler's length, data.py:131-132, at 4000 labels: 46000
+  unlabeled rows, 128 - 31 of them per step), hence 2370 steps.
 
 Defaults are the CIFAR-10 experiment's (experiments/cifar10_test.py:42-44): consistency 100 (the CLI
 default is None: consistency off, cli.py:65), ramp 5 epochs; `ema_decay` is the CLI default 0.999
