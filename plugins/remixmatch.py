@@ -49,8 +49,8 @@ DS3L's, apply to them as to the mixed term).
 
 Defaults: the CTA run of cta_remixmatch.py:63-78 (T 0.5, beta 0.75, w_kl 0.5, w_match 1.5, w_rot 0.5,
 warmup 1024 kimg, use_dm, use_xe, Adam lr 0.002, wd 0.02, batch 64) with K = 8, the paper's CIFAR-10
-runs at 250-4000 labels (runs/ssl/cifar10.sh:18; the flag's default is 1, libml/augment.py:45). At 40
-labels the official runs use K = 1, w_rot = 2 and a 8192-kimg warm-up (runs/ssl/cifar10.sh:22).
+runs at 250-4000 labels (runs/ssl/cifar10.sh:18-19; the flag's default is 1, libml/augment.py:45). At 40
+labels the official runs use K = 1, w_rot = 2 and a 8192-kimg warm-up (runs/ssl/cifar10.sh:22-23).
 """
 from __future__ import annotations
 
