@@ -25,10 +25,17 @@ calls the raw module; `train.compile` only affects the real step) and without th
 `bf16` and `none` are supported. Cost: two extra forwards and a double backward per step; measured
 3.8x the time of a pi_model step (small_cnn width 16, Fashion-MNIST, 64 + 64 rows, 1 CPU thread).
 
-Deviations from the official code (guolz-ml/DS3L): the supervised loss is the core's mean over the
-labeled rows (the official code divides it by all rows, labeled + unlabeled); the SSL weight and its
-ramp are the weighted plugin's own settings (the official λ(t) = 10 · exp(−5(1 − t/200k)²) is
-`pi_model: {weight: 10, rampup_steps: 200000}`).
+Loss weights and deviations (docs/fidelity.md). The official loss (guolz-ml/DS3L train.py:105, 116-118,
+144-145) is sum_l CE / (B_l + B_u) + lambda(t) * sum_u w Omega / sum_u w, lambda(t) = 10 exp(-5 (1 - t/200k)^2):
+the weighted term is a (self-normalised) mean over the unlabeled rows, the cross-entropy a sum over the
+labeled rows divided by the whole batch. Against the core's labeled mean the SSL coefficient is
+10 * (B_l + B_u) / B_l, i.e. `pi_model: {weight: 20}` at B_l = B_u (the weighted plugin's own weight and
+ramp; the official ramp spans the whole run, `rampup_steps: <train.steps>`). The official virtual step
+differentiates that whole-batch-normalised loss, so its inner lr 1e-3 corresponds to
+inner_lr = 1e-3 * B_l / (B_l + B_u) here (5e-4 at equal batches); not converted: to first order the
+meta-gradient is proportional to the inner step and the meta-net's Adam ignores its scale. The meta-net's
+input is the classifier's live prediction in the virtual step (train.py:113: not detached, so the weights'
+dependence on θ enters θ̂), detached in the real step (train.py:140-141, no_grad); done the same here.
 """
 from __future__ import annotations
 
@@ -44,11 +51,13 @@ def build_meta_net(num_classes: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
-def sample_weights(meta_net: nn.Module, logits: Tensor) -> Tensor:
-    """w = sigmoid(meta_net(softmax(sg(logits)))), shape [N], float32, each in (0, 1).
+def sample_weights(meta_net: nn.Module, logits: Tensor, detach_input: bool = True) -> Tensor:
+    """w = sigmoid(meta_net(softmax(logits))), shape [N], float32, each in (0, 1).
 
-    The input is the detached class distribution: only the meta-net's parameters get gradients."""
-    return torch.sigmoid(meta_net(logits.detach().float().softmax(-1))).squeeze(-1)
+    detach_input=True: the class distribution is detached, only the meta-net's parameters get gradients.
+    False (the official virtual step, guolz-ml/DS3L train.py:107-113): the weights also depend on the
+    classifier's parameters through its predictions."""
+    return torch.sigmoid(meta_net((logits.detach() if detach_input else logits).float().softmax(-1))).squeeze(-1)
 
 
 def self_normalize(w: Tensor) -> Tensor:
@@ -115,12 +124,23 @@ def weight_stats(w: Tensor, seen: Tensor) -> dict[str, Tensor]:
 class DS3L(SSLPlugin):
     """Per-sample unlabeled weights from a meta-net trained through a virtual step (module docstring)."""
 
+    descriptions = {
+        "ds3l/meta_loss": "The meta-net's objective: supervised loss after the virtual step (mean since the last "
+                          "point).",
+        "ds3l/weight_seen": "Mean raw weight (meta-net output, in [0, 1]) of unlabeled rows whose hidden class is "
+                            "a seen class.",
+        "ds3l/weight_unseen": "Mean raw weight (in [0, 1]) of unlabeled rows of an unseen or unknown class.",
+        "ds3l/weight_auroc": "AUROC in [0, 1] of the weights for telling seen-class rows from the others (0.5: "
+                             "chance, 1: seen rows always weigh more).",
+    }
+
     class Config(Section):
-        meta_lr: float = Field(6e-5, gt=0)  # Adam lr of the meta-net (official; "needs careful tuning")
-        inner_lr: float = Field(1e-3, gt=0)  # lr of the virtual plain-SGD step
-        hidden: int = Field(100, ge=1)  # hidden width of the meta-net
-        normalize_weights: bool = True  # w / mean(w) within the batch (official); False: the paper's form
-        eval_rows: int = Field(5000, ge=1)  # unlabeled rows weighed at each evaluation (diagnostics)
+        meta_lr: float = Field(6e-5, gt=0, description="Adam lr of the meta-net (official; 'needs careful tuning')")
+        inner_lr: float = Field(1e-3, gt=0, description="Lr of the virtual plain-SGD step")
+        hidden: int = Field(100, ge=1, description="Hidden width of the meta-net")
+        normalize_weights: bool = Field(True, description="w / mean(w) within the batch (official); False: the paper's "
+                                                          "form")
+        eval_rows: int = Field(5000, ge=1, description="Unlabeled rows weighed at each evaluation (diagnostics)")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -159,8 +179,8 @@ class DS3L(SSLPlugin):
     @hookimpl
     def ssl_unlabeled_weights(self, outputs, ctx):
         net = self._ensure_meta_net(ctx)
-        if self._in_meta_step:
-            w = sample_weights(net, outputs.logits_u)
+        if self._in_meta_step:  # official: the meta-net's input keeps its graph to the classifier (train.py:113)
+            w = sample_weights(net, outputs.logits_u, detach_input=False)
         else:
             with torch.no_grad():
                 w = sample_weights(net, outputs.logits_u)

@@ -17,7 +17,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 # ----------------------------------------------------------------------------- vectors
 class VectorCoupling(nn.Module):
-    """Affine coupling y = m*x + (1-m)*(x*exp(s) + t) with (s, t) = MLP(m*x), s = rescale*tanh(.) masked by (1-m).
+    """Affine coupling y = m*x + (1-m)*(x + t)*exp(s) with (s, t) = MLP(m*x), s = rescale*tanh(.) masked by (1-m)
+(the official form, flowgmm coupling_layer.py CouplingLayerBase.forward: t added before the scale).
 
     The MLP is in -> hidden -> hidden -> 2*in (ReLU, dropout), as RealNVPTabular, with its learnable per-dimension
     `rescale` (init 1): without it |s| <= 1 caps each coupling's stretch at e. logdet = sum((1-m)*s).
@@ -41,11 +42,11 @@ class VectorCoupling(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         s, t = self._st(x * self.mask)
-        return x * torch.exp(s) + t, s.sum(1)
+        return (x + t) * torch.exp(s), s.sum(1)
 
     def inverse(self, y: Tensor) -> Tensor:
         s, t = self._st(y * self.mask)
-        return (y - t) * torch.exp(-s)
+        return y * torch.exp(-s) - t
 
 
 class VectorRealNVP(nn.Module):
@@ -130,30 +131,41 @@ class ResidualBlock(nn.Module):
 
 
 class ConditionerResNet(nn.Module):
-    """The s/t network of an image coupling: input BN (x2 for checkerboard), concat[x, -x], ReLU,
-    WN conv3x3 to `mid` channels, `blocks` residual blocks, BN, ReLU, conv1x1 to `out` (zero init)."""
+    """The s/t network of an image coupling (flowgmm resnet.py:49-82, code before commit 5c1bc3b):
+    input BN (x2 for checkerboard), concat[x, -x], ReLU, WN conv3x3 to `mid` channels; a skip path that
+    sums a WN 1x1 `in_skip` of that stem and a WN 1x1 conv after every residual block; BN, ReLU and a
+    1x1 conv to `out` on the summed skips. The output conv starts at zero (the coupling starts as the
+    identity: the `init_zeros` the official HEAD meant to add; the code before it used the default init)."""
 
     def __init__(self, in_ch: int, mid: int, out: int, blocks: int, double_after_norm: bool):
         super().__init__()
         self.in_norm = nn.BatchNorm2d(in_ch)
-        self.double = double_after_norm
+        self.double_after_norm = double_after_norm
         self.in_conv = weight_norm(nn.Conv2d(2 * in_ch, mid, 3, padding=1, bias=True))
-        self.blocks = nn.Sequential(*(ResidualBlock(mid) for _ in range(blocks)))
+        self.in_skip = weight_norm(nn.Conv2d(mid, mid, 1))
+        self.blocks = nn.ModuleList(ResidualBlock(mid) for _ in range(blocks))
+        self.skips = nn.ModuleList(weight_norm(nn.Conv2d(mid, mid, 1)) for _ in range(blocks))
         self.out_norm = nn.BatchNorm2d(mid)
         self.out_conv = nn.Conv2d(mid, out, 1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.in_norm(x) * (2.0 if self.double else 1.0)
+        x = self.in_norm(x) * (2.0 if self.double_after_norm else 1.0)
         x = self.in_conv(F.relu(torch.cat([x, -x], 1)))
-        return self.out_conv(F.relu(self.out_norm(self.blocks(x))))
+        skip = self.in_skip(x)
+        for block, skip_conv in zip(self.blocks, self.skips):
+            x = block(x)
+            skip = skip + skip_conv(x)
+        return self.out_conv(F.relu(self.out_norm(skip)))
 
 
 class ImageCoupling(nn.Module):
     """Affine coupling on [N, C, H, W]: checkerboard mask (all channels) or channel-wise (half the channels).
 
-    s = rescale * tanh(raw_s) with a learnable per-channel rescale; logdet = sum of s over changed entries.
+    y_change = (x_change + t) * exp(s) (flowgmm coupling_layer.py CouplingLayerBase.forward), s = rescale * tanh(raw_s)
+    with a learnable per-channel rescale; logdet = sum of s over the changed entries only (the code before commit
+    5c1bc3b also summed s over the conditioning entries of checkerboard couplings, a bug 5c1bc3b fixed).
     """
 
     def __init__(self, channels: int, mid: int, blocks: int, checker: bool, reverse: bool):
@@ -179,20 +191,20 @@ class ImageCoupling(nn.Module):
             b = checkerboard(x.shape[2], x.shape[3], self.reverse).to(x)
             s, t = self._st(x * b)
             s, t = s * (1 - b), t * (1 - b)
-            return x * torch.exp(s) + t, s.flatten(1).sum(1)
+            return (x + t) * torch.exp(s), s.flatten(1).sum(1)
         x_id, x_change = self._split(x)
         s, t = self._st(x_id)
-        return self._join(x_id, x_change * torch.exp(s) + t), s.flatten(1).sum(1)
+        return self._join(x_id, (x_change + t) * torch.exp(s)), s.flatten(1).sum(1)
 
     def inverse(self, y: Tensor) -> Tensor:
         if self.checker:
             b = checkerboard(y.shape[2], y.shape[3], self.reverse).to(y)
             s, t = self._st(y * b)
             s, t = s * (1 - b), t * (1 - b)
-            return (y - t) * torch.exp(-s)
+            return y * torch.exp(-s) - t
         y_id, y_change = self._split(y)
         s, t = self._st(y_id)
-        return self._join(y_id, (y_change - t) * torch.exp(-s))
+        return self._join(y_id, y_change * torch.exp(-s) - t)
 
 
 class ImageRealNVP(nn.Module):
@@ -201,7 +213,9 @@ class ImageRealNVP(nn.Module):
     Each of the first `scales - 1` scales: 3 checkerboard couplings, squeeze, 3 channel-wise couplings,
     factor out half the channels; the last scale: 4 checkerboard couplings. z is the concatenation of the
     factored-out parts and the last scale's output, flattened: D = C*H*W. H and W must be divisible by
-    2^(scales-1). `mid` channels and `blocks` residual blocks per conditioner (the paper: 64/128 and 8).
+    2^(scales-1). Conditioner widths as the official RealNVP (flowgmm realnvp.py:43-65): `mid` channels for
+    the first scale's checkerboard couplings, doubled for its channel-wise couplings and at every later scale
+    (scales=2: 3 couplings at mid, 7 at 2*mid; the paper's 64/128), each with `blocks` residual blocks (8).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], scales: int = 2, mid: int = 64, blocks: int = 8):
@@ -215,11 +229,11 @@ class ImageRealNVP(nn.Module):
         self.shapes = []  # per non-final scale: the shape of the factored-out part
         for _ in range(scales - 1):
             in_c = nn.ModuleList(ImageCoupling(c, mid, blocks, True, i % 2 == 1) for i in range(3))
-            out_c = nn.ModuleList(ImageCoupling(4 * c, mid, blocks, False, i % 2 == 1) for i in range(3))
+            out_c = nn.ModuleList(ImageCoupling(4 * c, 2 * mid, blocks, False, i % 2 == 1) for i in range(3))
             self.scales.append(nn.ModuleList([in_c, out_c]))
             c, h, w = 4 * c, h // 2, w // 2
             self.shapes.append((c - c // 2, h, w))
-            c = c // 2
+            c, mid = c // 2, 2 * mid
         self.final = nn.ModuleList(ImageCoupling(c, mid, blocks, True, i % 2 == 1) for i in range(4))
         self.final_shape = (c, h, w)
 

@@ -88,18 +88,35 @@ class MeanTeacher(SSLPlugin):
                     "remixmatch": "remixmatch replaces the unlabeled rows by mixed views, mean_teacher's "
                                   "targets are the teacher's predictions on the drawn rows"}
 
+    descriptions = {
+        "mean_teacher/consistency": "consistency * ramp * (B_u / B_l) * mean over the unlabeled rows of "
+                                    "(1/C)||softmax(student) - softmax(teacher)||^2 (the whole-batch average).",
+        "mean_teacher/labeled": "consistency * ramp * mean over the labeled rows of the same softmax MSE.",
+        "mean_teacher/teacher_acc_pct": "Share of the unlabeled batch whose teacher argmax is the hidden true label, "
+                                        "in % (rows of unknown class excluded).",
+        "mean_teacher/weight": "The official consistency coefficient at this step (after the sigmoid ramp-up).",
+        "mean_teacher/ema_decay": "The teacher's EMA decay at this step: min(1 - 1/(t + 1), ema_decay).",
+    }
+
     class Config(Section):
-        consistency: float = Field(100.0, ge=0)  # w, the official coefficient of the whole-batch average
-        rampup_steps: int = Field(2370, ge=0)  # sigmoid ramp-up of w (5 official CIFAR-10 epochs); 0: none
-        ema_decay: float = Field(0.999, ge=0, lt=1)  # the teacher's decay after the warm-up
-        view: Literal["weak", "strong"] = "weak"  # the teacher's augmentation of each row
+        consistency: float = Field(100.0, ge=0, description="w, the official coefficient of the whole-batch "
+                                                              "average")
+        rampup_steps: int = Field(2370, ge=0, description="Sigmoid ramp-up of w (5 official CIFAR-10 epochs); 0: none")
+        ema_decay: float = Field(0.999, ge=0, lt=1, description="The teacher's EMA decay after the warm-up")
+        view: Literal["weak", "strong"] = Field("weak", description="The teacher's (and student's) augmentation "
+                                                                    "of each row")
 
     def __init__(self, config=None):
         super().__init__(config)
         self.student: torch.nn.Module | None = None
         self.teacher: EMA | None = None
         self._saved: dict | None = None  # teacher weights from a checkpoint, loaded when the teacher is built
-        self.diagnostics: dict[str, Tensor] = {}
+        self.diagnostics: dict[str, Tensor] = {}  # at log steps: teacher_acc_pct
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"mean_teacher/consistency x {c.consistency:g} (whole-batch form) after a sigmoid ramp-up over "
+                f"{c.rampup_steps} steps; teacher EMA {c.ema_decay}, {c.view} views")
 
     @hookimpl(wrapper=True, tryfirst=True)
     def ssl_build_model(self):
@@ -125,10 +142,11 @@ class MeanTeacher(SSLPlugin):
             logits = logits_of(teacher(x)).float()
         n_l = batch.raw_l.shape[0]
         batch.extras["mean_teacher/targets_l"], batch.extras["mean_teacher/targets_u"] = logits[:n_l], logits[n_l:]
+        batch.extras["mean_teacher/pseudo_labels"] = logits[n_l:].softmax(-1)  # the teacher's [B_u, C] (TensorBoard)
         if ctx.is_log_step:
             hidden = batch.y_u_hidden
             seen = hidden >= 0
-            self.diagnostics = {"mean_teacher/teacher_acc": 100 * ((logits[n_l:].argmax(-1) == hidden) & seen).sum()
+            self.diagnostics = {"mean_teacher/teacher_acc_pct": 100 * ((logits[n_l:].argmax(-1) == hidden) & seen).sum()
                                 / seen.sum().clamp(min=1)}
 
     @hookimpl

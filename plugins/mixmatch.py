@@ -19,6 +19,7 @@ predictions and p_labeled the class marginal of the labeled rows seen so far.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -37,6 +38,22 @@ def sharpen(p: Tensor, T: float) -> Tensor:
     T = 1 is the identity; T < 1 lowers the entropy, keeping argmax and ranking."""
     p = p.pow(1.0 / T)
     return p / p.sum(-1, keepdim=True)
+
+
+def min_temperature(num_classes: int) -> float:
+    """The smallest T for which Sharpen (in float32) keeps any distribution over C classes finite: its largest
+    probability is >= 1/C, and (1/C)^(1/T) must stay above float32's smallest normal number (e^-87.3),
+    otherwise every p^(1/T) underflows to 0 and the guess is 0/0 = NaN."""
+    return math.log(num_classes) / -math.log(torch.finfo(torch.float32).tiny)
+
+
+def check_temperature(key: str, temperature: float, num_classes: int) -> None:
+    """A ConfigError naming `key` when `temperature` is below `min_temperature(num_classes)`."""
+    bound = min_temperature(num_classes)
+    if temperature < bound:
+        raise ConfigError(f"{key}={temperature:g} is below {bound:.4g} = ln(C) / 87.3 for C = {num_classes} "
+                          f"classes: sharpening raises probabilities to 1/T in float32, where every guess would "
+                          f"underflow to 0/0; use {key} >= {bound:.4g} (official: 0.5)")
 
 
 def guess_labels(probs: list[Tensor], T: float) -> Tensor:
@@ -174,20 +191,32 @@ class MixMatch(SSLPlugin):
 
     incompatible = {"sla": "sla trains N*M joint (transformation, class) logits, mixmatch guesses and mixes "
                            "N-class targets"}
+    descriptions = {
+        "mixmatch/l2": "lambda_u * ramp * mean over the K*B mixed unlabeled rows of (1/C)||softmax - target||^2.",
+        "mixmatch/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened guess) "
+                                  "is the hidden true label, in % (rows of unknown class excluded).",
+        "mixmatch/guess_max": "Mean over the unlabeled batch of the sharpened guess's largest probability, in [0, 1].",
+        "mixmatch/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a class "
+                                          "never guessed.",
+        "mixmatch/lambda_u": "The weight of mixmatch/l2 at this step (lambda_u after the linear ramp-up).",
+    }
 
     class Config(Section):
-        K: int = Field(2, ge=1)  # augmented views per unlabeled sample
-        T: float = Field(0.5, gt=0, le=1)  # sharpening temperature
-        alpha: float = Field(0.75, gt=0)  # Beta(alpha, alpha) of MixUp
-        lambda_u: float = Field(75.0, ge=0)  # weight of the L2 term after the ramp-up
-        rampup_steps: int = Field(16384, ge=0)  # linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)
-        bn_mode: Literal["interleave", "concat"] = "interleave"
-        distribution_alignment: bool = False  # ReMixMatch's alignment of the guesses (not in MixMatch)
-        alignment_momentum: float = Field(0.99, ge=0, lt=1)  # running mean of p_model (ReMixMatch: 128 batches)
+        K: int = Field(2, ge=1, description="Augmented views per unlabeled sample")
+        T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
+        alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
+        lambda_u: float = Field(75.0, ge=0, description="Weight of the L2 term after the ramp-up")
+        rampup_steps: int = Field(16384, ge=0, description="Linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)")
+        bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
+                                                         "(official, chunked forwards) or concat (one forward)")
+        distribution_alignment: bool = Field(False, description="ReMixMatch's alignment of the guesses (not in "
+                                                                "MixMatch)")
+        alignment_momentum: float = Field(0.99, ge=0, lt=1, description="Running mean of p_model (ReMixMatch: 128 "
+                                                                        "batches)")
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.diagnostics: dict[str, Tensor] = {}
+        self.diagnostics: dict[str, Tensor] = {}  # at log steps: the descriptions' guess_* values
         self.alignment = DistributionAlignment(self.config.alignment_momentum)
 
     @property
@@ -197,6 +226,11 @@ class MixMatch(SSLPlugin):
     @property
     def label_counts(self) -> Tensor | None:
         return self.alignment.label_counts
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"mixmatch/l2 x {c.lambda_u:g} after a linear ramp-up over {c.rampup_steps} steps; K={c.K}, T={c.T}, "
+                f"alpha={c.alpha}, bn_mode={c.bn_mode}" + (", distribution_alignment" if c.distribution_alignment else ""))
 
     @hookimpl
     def ssl_configure(self, config, plugins):
@@ -210,6 +244,11 @@ class MixMatch(SSLPlugin):
                               f"of data.batch_size ({data.batch_size}); change the batch sizes or use "
                               f"mixmatch.bn_mode=concat")
 
+    @hookimpl(wrapper=True)
+    def ssl_build_model(self, num_classes):
+        check_temperature("mixmatch.T", self.config.T, num_classes)
+        return (yield)
+
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):
         cfg = self.config
@@ -222,11 +261,11 @@ class MixMatch(SSLPlugin):
         q = guess_labels(probs, cfg.T)
         mix_into_batch(batch, batch.x_l, y_l, views, q, cfg.alpha)
         batch.extras["mixmatch/views"] = torch.cat(views)  # un-mixed views, view-major [K*B_u, ...]
-        batch.extras["mixmatch/guess"] = q  # sharpened guesses [B_u, C]
+        batch.extras["mixmatch/pseudo_labels"] = q  # sharpened guesses [B_u, C] of raw_u (TensorBoard shows them)
         if ctx.is_log_step:
             seen = batch.y_u_hidden[: q.shape[0]] >= 0
             hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
-            self.diagnostics = {"mixmatch/guess_acc": 100 * hits.sum() / seen.sum().clamp(min=1),
+            self.diagnostics = {"mixmatch/guess_acc_pct": 100 * hits.sum() / seen.sum().clamp(min=1),
                                 "mixmatch/guess_max": q.max(-1).values.mean(),
                                 # C * the smallest class share of the guesses: 1 balanced, 0 a class never guessed
                                 "mixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}

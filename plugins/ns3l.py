@@ -17,13 +17,18 @@ Two modes, chosen per step from the batch, with no code specific to any other pl
   `outputs.logits_l`): no extra forward. List `ns3l` after the guesser in `plugins:` (otherwise
   it draws an unused view each step).
 
-Batch averaging: the official loss is averaged over the whole batch (labeled and unlabeled rows, the
-labeled rows masked to zero), so with 50/50 batches each unlabeled row has the effective weight 0.5.
-This plugin keeps that: the total is `weight * ramp * (sum of the row losses) / (B_l + B_u)` in both
-modes (alone, the labeled rows contribute zero), so the paper's lambda values carry over unchanged.
-It is split into the term "ns3l/unlabeled" (one loss per row of x_u, so `ssl_unlabeled_weights`,
-e.g. DS3L, applies; its weight carries the factor B_u / (B_l + B_u)) and, composed, "ns3l/labeled"
-(weighted=False, factor B_l / (B_l + B_u)).
+Loss weights (docs/fidelity.md):
+- Alone (and next to VAT): the official loss is -(1/(B_l + B_u)) sum over unlabeled rows of log(...) (NS3L
+  ns3l.py:25-26: the masked .mean() over the whole batch), added to the host's cross-entropy, also a sum over
+  the labeled rows divided by B_l + B_u (perrying/realistic-ssl-evaluation-pytorch train.py:161). Against
+  the core's labeled mean that is lambda * (B_u / B_l) * mean over unlabeled rows: the term "ns3l/unlabeled"
+  has weight `weight * ramp * B_u / B_l` (the paper's lambda 1 alone, 0.3 with VAT, at B_l = B_u).
+- Composed with a label guesser (MixMatch + NS3L): the paper adds lambda1 * L_NS to L_X + lambda_U L_U, with
+  L_NS the mean over every mixed row X' and U' (methods.md 2b, from the ICML text; the official module
+  averages over all the rows it is given), and L_X, our supervised loss, the mean over X'. So each row
+  of X' and U' has weight lambda1 / (|X'| + |U'|): the term "ns3l/unlabeled" (one loss per row of x_u, so
+  `ssl_unlabeled_weights`, e.g. DS3L, applies) has weight `weight * ramp * |U'| / (|X'| + |U'|)` and
+  "ns3l/labeled" (weighted=False) `weight * ramp * |X'| / (|X'| + |U'|)`.
 
 The threshold must be below 1/C (C: classes of the run, after any class-mismatch remapping), else the
 argmax class itself can be negative and the clamp makes the loss a constant. C is known only once the
@@ -76,14 +81,37 @@ class NS3L(SSLPlugin):
     alone (lambda 1, T = 0.4/C); with VAT the paper uses weight 0.3, with MixMatch weight 5 and T 0.05."""
 
     class Config(Section):
-        weight: float = Field(1.0, ge=0)  # lambda_NS (lambda1): paper alone 1, with VAT 0.3, with MixMatch 5 (C10@250)
-        threshold: float | None = Field(None, gt=0)  # T; None: 0.4 / C (0.04 at C = 10, official); must be < 1/C
-        rampup_steps: int = Field(0, ge=0)  # exp(-5 (1 - t)^2) ramp-up of the weight in steps (Oliver et al.); 0: none
+        weight: float = Field(1.0, ge=0, description="lambda_NS (lambda1): paper alone 1, with VAT 0.3, with MixMatch "
+                                                     "5 (C10@250)")
+        threshold: float | None = Field(None, gt=0, description="T; None: 0.4 / C (0.04 at C = 10, official); must be "
+                                                                "< 1/C")
+        rampup_steps: int = Field(0, ge=0, description="exp(-5 (1 - t)^2) ramp-up of the weight in steps (Oliver et "
+                                                       "al.); 0: none")
+
+    descriptions = {
+        "ns3l/unlabeled": "weight * ramp * B_u/B_l alone or next to VAT (the official whole-batch average against "
+                          "the labeled mean), weight * ramp * n_u/(n_l+n_u) next to a label guesser (the mean over "
+                          "every mixed row), times the mean over the unlabeled rows of -log(1 - sum of the negative "
+                          "classes' probabilities).",
+        "ns3l/labeled": "weight * ramp * n_l/(n_l+n_u) * the same loss on the labeled rows (next to a label guesser).",
+        "ns3l/negative_fraction": "Mean fraction of the classes marked negative per unlabeled row, in [0, 1].",
+        "ns3l/true_class_negative": "Fraction of unlabeled rows (of a known class) whose hidden true class is marked "
+                                    "negative, in [0, 1]: the negatives' error rate.",
+        "ns3l/threshold": "T: a class with probability below T is a negative.",
+        "ns3l/weight": "lambda_NS after the ramp-up at this step (before the batch-size conversion).",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
         self.threshold: float | None = None  # T, resolved in ssl_build_model once C is known
         self.diagnostics: dict[str, Tensor] = {}
+
+    def describe(self) -> str:
+        c = self.config
+        threshold = f"{c.threshold:g}" if c.threshold is not None else "0.4/C"
+        return (f"ns3l/unlabeled x {c.weight:g} * B_u/B_l alone or next to VAT (x {c.weight:g} * n_u/(n_l+n_u), and "
+                f"ns3l/labeled x {c.weight:g} * n_l/(n_l+n_u), next to a label guesser) after a ramp-up over "
+                f"{c.rampup_steps} steps; threshold={threshold}")
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, num_classes):
@@ -99,14 +127,14 @@ class NS3L(SSLPlugin):
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):
         n_l, n_u = outputs.logits_l.shape[0], outputs.logits_u.shape[0]
-        scale = self.config.weight * sigmoid_rampup(ctx.step, self.config.rampup_steps) / (n_l + n_u)
+        weight = self.config.weight * sigmoid_rampup(ctx.step, self.config.rampup_steps)
         if batch.y_u is not None:  # composed: targets of a label guesser, probabilities of the same forward
             neg_u = negative_mask(batch.y_u, self.threshold)
             loss_u = ns_loss(outputs.logits_u, neg_u)
             y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
-            terms = [LossTerm("ns3l/unlabeled", loss_u, weight=scale * n_u),
+            terms = [LossTerm("ns3l/unlabeled", loss_u, weight=weight * n_u / (n_l + n_u)),  # mean over X' and U'
                      LossTerm("ns3l/labeled", ns_loss(outputs.logits_l, negative_mask(y_l, self.threshold)),
-                              weight=scale * n_l, weighted=False)]
+                              weight=weight * n_l / (n_l + n_u), weighted=False)]
         else:  # alone: threshold the main forward, loss from a second forward of a new view
             view = batch.extras.get("ns3l/view")
             if view is None or view.shape[0] != n_u:
@@ -115,7 +143,7 @@ class NS3L(SSLPlugin):
                                           f"without setting soft targets batch.y_u")
             neg_u = negative_mask(outputs.logits_u.float().softmax(-1), self.threshold)
             loss_u = ns_loss(forward(view, update_bn=False)["logits"], neg_u)
-            terms = [LossTerm("ns3l/unlabeled", loss_u, weight=scale * n_u)]
+            terms = [LossTerm("ns3l/unlabeled", loss_u, weight=weight * n_u / n_l)]  # official: over the whole batch
         if ctx.is_log_step:
             self.diagnostics = self._diagnose(neg_u, batch.y_u_hidden)
         return terms

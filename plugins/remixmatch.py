@@ -62,8 +62,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssltrain import ConfigError, LossTerm, SSLPlugin, Section, hookimpl, linear_rampup
-from ssltrain_plugins.mixmatch import (DistributionAlignment, interleaved_forward, mix_into_batch, one_hot_targets,
-                                       sharpen)
+from ssltrain_plugins.mixmatch import (DistributionAlignment, check_temperature, interleaved_forward, mix_into_batch,
+                                       one_hot_targets, sharpen)
 
 
 # --- the math: pure functions ------------------------------------------------------------------
@@ -112,23 +112,46 @@ class ReMixMatch(SSLPlugin):
                     "sla": "sla trains N*M joint (transformation, class) logits, remixmatch guesses and mixes "
                            "N-class targets"}
 
+    descriptions = {
+        "remixmatch/mixed": "w_match * ramp * mean over the (K+1)*B mixed unlabeled rows of the soft cross-entropy "
+                            "to their mixed targets.",
+        "remixmatch/pre_mixup": "w_kl * ramp * mean over the unlabeled rows of the cross-entropy of one un-mixed "
+                                "strong view to the guess.",
+        "remixmatch/rotation": "w_rot * mean cross-entropy of the rotation head on one rotated strong view.",
+        "remixmatch/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened, "
+                                    "aligned guess) is the hidden true label, in % (rows of unknown class excluded).",
+        "remixmatch/guess_max": "Mean over the unlabeled batch of the guess's largest probability, in [0, 1].",
+        "remixmatch/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a class "
+                                            "never guessed.",
+        "remixmatch/w_match": "The weight of remixmatch/mixed at this step (w_match after the linear ramp-up).",
+    }
+
     class Config(Section):
-        K: int = Field(8, ge=1)  # strong views per unlabeled row (besides the weak anchor)
-        T: float = Field(0.5, gt=0, le=1)  # sharpening temperature
-        alpha: float = Field(0.75, gt=0)  # Beta(alpha, alpha) of MixUp
-        w_match: float = Field(1.5, ge=0)  # weight of the mixed unlabeled cross-entropy after the ramp
-        w_kl: float = Field(0.5, ge=0)  # weight of the pre-mixup cross-entropy after the ramp
-        w_rot: float = Field(0.5, ge=0)  # weight of the rotation loss (not ramped); 0: no rotation head
-        rampup_steps: int = Field(16384, ge=0)  # linear ramp of w_match and w_kl (1024 kimg at batch 64)
-        distribution_alignment: bool = True  # use_dm
-        alignment_momentum: float = Field(0.99, ge=0, lt=1)  # EMA of p_model (official: a 128-batch window)
-        strong_labeled: bool = True  # the labeled rows get the strong augmentation (official)
-        bn_mode: Literal["interleave", "concat"] = "interleave"
+        K: int = Field(8, ge=1, description="Strong views per unlabeled row (besides the weak anchor)")
+        T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
+        alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
+        w_match: float = Field(1.5, ge=0, description="Weight of the mixed unlabeled cross-entropy after the ramp")
+        w_kl: float = Field(0.5, ge=0, description="Weight of the pre-mixup cross-entropy after the ramp")
+        w_rot: float = Field(0.5, ge=0, description="Weight of the rotation loss (not ramped); 0: no rotation head")
+        rampup_steps: int = Field(16384, ge=0, description="Linear ramp of w_match and w_kl (1024 kimg at batch 64)")
+        distribution_alignment: bool = Field(True, description="Align the guesses to the labeled class marginals "
+                                                               "(official use_dm)")
+        alignment_momentum: float = Field(0.99, ge=0, lt=1, description="EMA of p_model (official: a 128-batch "
+                                                                        "window)")
+        strong_labeled: bool = Field(True, description="The labeled rows get the strong augmentation (official)")
+        bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
+                                                         "(official, chunked forwards) or concat (one forward)")
 
     def __init__(self, config=None):
         super().__init__(config)
         self.alignment = DistributionAlignment(self.config.alignment_momentum)
-        self.diagnostics: dict[str, Tensor] = {}
+        self.diagnostics: dict[str, Tensor] = {}  # at log steps: the descriptions' guess_* values
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"remixmatch/mixed x {c.w_match:g}, pre_mixup x {c.w_kl:g} after a linear ramp-up over "
+                f"{c.rampup_steps} steps, rotation x {c.w_rot:g}; K={c.K}, T={c.T}, alpha={c.alpha}"
+                + (", distribution_alignment" if c.distribution_alignment else ""))
 
     @hookimpl
     def ssl_configure(self, config, plugins):
@@ -140,7 +163,8 @@ class ReMixMatch(SSLPlugin):
                               f"use remixmatch.bn_mode=concat")
 
     @hookimpl(wrapper=True)
-    def ssl_build_model(self, input_shape):
+    def ssl_build_model(self, input_shape, num_classes):
+        check_temperature("remixmatch.T", self.config.T, num_classes)
         model = yield
         if self.config.w_rot == 0:
             return model
@@ -164,13 +188,13 @@ class ReMixMatch(SSLPlugin):
         x_l = ctx.augment(batch.raw_l, "strong") if cfg.strong_labeled else batch.x_l
         hidden = batch.y_u_hidden
         mix_into_batch(batch, x_l, y_l, [anchor, *strong], q, cfg.alpha)
-        batch.extras["remixmatch/guess"] = q
+        batch.extras["remixmatch/pseudo_labels"] = q  # sharpened guesses [B_u, C] of raw_u (TensorBoard shows them)
         batch.extras["remixmatch/strong"] = strong[0]
         if cfg.w_rot > 0:
             batch.extras["remixmatch/rotated"], batch.extras["remixmatch/rotation_labels"] = rotate_quarters(strong[0])
         if ctx.is_log_step:
             seen = hidden >= 0
-            self.diagnostics = {"remixmatch/guess_acc": 100 * ((q.argmax(-1) == hidden) & seen).sum() / seen.sum().clamp(min=1),
+            self.diagnostics = {"remixmatch/guess_acc_pct": 100 * ((q.argmax(-1) == hidden) & seen).sum() / seen.sum().clamp(min=1),
                                 "remixmatch/guess_max": q.max(-1).values.mean(),
                                 "remixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
 
@@ -184,7 +208,7 @@ class ReMixMatch(SSLPlugin):
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):
         cfg = self.config
         ramp = linear_rampup(ctx.step, cfg.rampup_steps)
-        q = batch.extras["remixmatch/guess"]
+        q = batch.extras["remixmatch/pseudo_labels"]
         views = batch.x_u.shape[0] // q.shape[0]  # K + 1 mixed views per unlabeled row
         terms = [LossTerm("remixmatch/mixed", soft_cross_entropy(outputs.logits_u, batch.y_u), weight=cfg.w_match * ramp)]
         if cfg.w_kl > 0:

@@ -180,17 +180,29 @@ class SLA(SSLPlugin):
         "flowgmm": "FlowGMM owns the model (a flow with a latent GMM classifier, no nn.Linear head) and its "
                    "class log-posteriors, so there is no linear head for SLA to widen to N*M joint classes",
     }
+    descriptions = {
+        "sla/sd_ce": "sd_ce_weight * cross-entropy of the SD head on the labeled identity copies.",
+        "sla/sd_kl": "T^2 * KL between the SD head and the detached aggregated (AG) prediction, labeled rows.",
+        "sla/rot": "rot_weight * mean over the unlabeled rows of the transformation-prediction NLL (unlabeled: true).",
+        "sla/sd_unlabeled": "sd_unlabeled_weight * the self-distillation KL on the unlabeled rows.",
+        "sla/top1_si": "Test top-1 in % predicting from the identity slot of the joint head.",
+        "sla/top1_ag": "Test top-1 in % aggregating the joint head over the M transformations.",
+        "sla/top1_sd": "Test top-1 in % of the self-distilled N-way head.",
+    }
 
     class Config(Section):
-        transform: Literal[tuple(TRANSFORMS)] = "rotation"  # the M transformations (official names)
-        predict: Literal["si", "ag", "sd"] = "ag"  # inference: identity slot, aggregation, or SD head
-        sd: bool = False  # SLA+SD: add the N-way head and the self-distillation terms
-        temperature: float = Field(1.0, gt=0)  # T of the distillation KL
-        sd_ce_weight: float = Field(1.0, ge=0)  # beta: CE of the SD head on labeled identity copies
-        unlabeled: bool = False  # 5h extension (project design, not in the paper): draws unlabeled data
-        rot_weight: float = Field(1.0, ge=0)  # lambda_rot (untuned project choice)
-        sd_unlabeled_weight: float = Field(1.0, ge=0)  # lambda_sd, needs sd (untuned project choice)
-        log_all_modes: bool = True  # at each evaluation add sla/top1_{si,ag,sd} to the metrics (costs M forwards)
+        transform: Literal[tuple(TRANSFORMS)] = Field("rotation", description="The M transformations (official names)")
+        predict: Literal["si", "ag", "sd"] = Field("ag", description="Inference: identity slot, aggregation, or SD "
+                                                                     "head")
+        sd: bool = Field(False, description="SLA+SD: add the N-way head and the self-distillation terms")
+        temperature: float = Field(1.0, gt=0, description="T of the distillation KL")
+        sd_ce_weight: float = Field(1.0, ge=0, description="Beta: CE of the SD head on labeled identity copies")
+        unlabeled: bool = Field(False, description="5h extension (project design, not in the paper): draws unlabeled "
+                                                   "data")
+        rot_weight: float = Field(1.0, ge=0, description="Lambda_rot (untuned project choice)")
+        sd_unlabeled_weight: float = Field(1.0, ge=0, description="Lambda_sd, needs sd (untuned project choice)")
+        log_all_modes: bool = Field(True, description="At each evaluation add sla/top1_{si,ag,sd} to the metrics "
+                                                      "(costs M forwards)")
 
     @property
     def transforms(self) -> list[Transform]:

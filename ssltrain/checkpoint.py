@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import rng
+from .data import write_labeled
 from .errors import CheckpointError, ConfigError
 
 
@@ -53,7 +55,7 @@ def trainer_state(trainer, plugin_state: dict) -> dict:
             "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(), "plugins": plugin_state, "history": trainer.history,
-            "final_eval": trainer.final_eval, "seconds": dict(trainer.seconds),
+            "final_eval": trainer.final_eval, "seconds": dict(trainer.seconds), "started_at": trainer.started_at,
             "rng": trainer.dist.gather(rng.get_state())}
 
 
@@ -76,6 +78,7 @@ def restore_training(trainer, state: dict) -> None:
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step, trainer.history, trainer.seconds = state["step"], state["history"], state["seconds"]
     trainer.final_eval = state.get("final_eval", {})  # absent in checkpoints written before final_eval existed
+    trainer.started_at = state.get("started_at", trainer.started_at)
     if len(state["rng"]) == trainer.dist.world:
         rng.set_state(state["rng"][trainer.dist.rank])
     else:
@@ -83,8 +86,48 @@ def restore_training(trainer, state: dict) -> None:
 
 
 def check_same_run(saved: dict, current: dict) -> None:
-    """Resuming is allowed with other `train.*` settings (e.g. more steps), nothing else."""
-    diff = sorted(k for k in set(saved) | set(current) if k != "train" and saved.get(k) != current.get(k))
+    """Resuming is allowed with other `train.*` settings (e.g. more steps), nothing else; a refusal names
+    every differing key with the checkpoint's value and the new one."""
+    diff = _differences({k: v for k, v in saved.items() if k != "train"},
+                        {k: v for k, v in current.items() if k != "train"})
     if diff:
-        raise ConfigError(f"--resume with a different config: sections {diff} differ from the checkpoint's; "
-                          f"resume with the run's own config.yaml, or start a new run with another --out")
+        shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in diff[:5])
+        more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+        raise ConfigError(f"--resume with a different config: {shown}{more}; only train.* settings may change. "
+                          f"Resume with the run's own config.yaml, or start a new run with another --out")
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every leaf where two nested dicts differ ("<absent>" if missing)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [(prefix, a, b)]
+    out = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        out += _differences(a.get(key, "<absent>"), b.get(key, "<absent>"), name)
+    return out
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse a run directory that is a file, that holds a run when not resuming, or that has no
+    checkpoint to resume."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a directory; choose another --out")
+    if resume and not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise CheckpointError(f"nothing to resume: checkpoint {str(run_dir / 'checkpoints' / 'last.pt')!r} not "
+                              f"found; train without --resume, or pass the --out of an earlier run")
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+
+
+def write_run_files(trainer, resume: bool) -> None:
+    """config.yaml, labeled_indices.json (and labeled_files.json) of a starting or resumed run (rank 0); a new
+    run starts its train.jsonl and metrics.jsonl afresh."""
+    if trainer.dist.is_main:
+        run_dir = trainer.run_dir
+        if not resume:
+            for name in ("metrics.jsonl", "train.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(trainer.config.to_dict(), sort_keys=False))
+        write_labeled(run_dir, trainer.data, resume)
+    trainer.dist.barrier()

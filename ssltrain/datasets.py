@@ -7,6 +7,7 @@ comes back as float32 ``[N, D]``, already standardised with the train statistics
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import inspect
 import math
@@ -18,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .imagefiles import ImageSpec, find_image_files, path_at, read_image
+
 DEFAULT_ROOT = "data"  # root for the torchvision datasets when none is given
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
@@ -28,7 +31,6 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -60,20 +62,24 @@ def _labels(a) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a), dtype=torch.int64)
 
 
-def image_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1].
+def channel_histograms(x: torch.Tensor) -> torch.Tensor:
+    """Counts of each of the 256 levels per channel of uint8 images ``[N, C, H, W]``: int64 ``[C, 256]``."""
+    return torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])])
+
+
+def image_stats(x: torch.Tensor | None = None, histograms: torch.Tensor | None = None
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images ``[N, C, H, W]`` scaled to [0, 1], or of the
+    images behind summed ``channel_histograms``.
 
     Exact: computed in float64 from each channel's 256-bin histogram, so memory stays O(one channel).
     """
     levels = torch.arange(256, dtype=torch.float64) / 255
-    means, stds = [], []
-    for c in range(x.shape[1]):
-        p = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        p /= p.sum()
-        mean = (p * levels).sum()
-        means.append(mean.item())
-        stds.append(((p * levels**2).sum() - mean**2).clamp_min(0).sqrt().item())
-    return tuple(means), tuple(stds)
+    p = (channel_histograms(x) if histograms is None else histograms).double()
+    p /= p.sum(1, keepdim=True)
+    mean = (p * levels).sum(1)
+    std = ((p * levels**2).sum(1) - mean**2).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _image_arrays(train_x, train_y, test_x, test_y, classes, extra=None) -> DatasetArrays:
@@ -238,41 +244,19 @@ def load_stl10(root=None, download=False, *, use_unlabeled_split=True) -> Datase
 
 
 # ----------------------------------------------------------------------------- image folder
-def load_image_folder(root=None, download=False, *, image_size=32, grayscale=False) -> DatasetArrays:
-    """Images in ``root/{train,test}/<class>/*.{png,jpg,jpeg,bmp}``; label ids follow the sorted train
-    class folder names. Each image is converted to RGB (L if ``grayscale``) and resized (bilinear) to
-    ``image_size`` x ``image_size``. ``download`` is ignored."""
-    from PIL import Image
+def load_image_folder(root=None, download=False, *, image_size=32, grayscale=False, train=None, unlabeled=None,
+                      test=None) -> DatasetArrays:
+    """Every image of an image folder (layout in `imagefiles`; a run reads them through `streaming`, resident
+    or streamed) decoded and resized to ``image_size`` x ``image_size``; the unlabeled images are
+    ``extra_unlabeled_x``. Raises ConfigError for a bad layout, BadImageFile for an unreadable file."""
+    files = find_image_files(root, train, unlabeled, test, grayscale)
+    spec = ImageSpec(image_size, files.channels)
 
-    layout = f"<root>/train/<class>/*.png|jpg|jpeg|bmp and <root>/test/<class>/*"
-    if root is None:
-        raise DatasetNotFoundError(f"image_folder needs data.root=<folder laid out as {layout}>")
-    for split in ("train", "test"):
-        if not (Path(root) / split).is_dir():
-            raise DatasetNotFoundError(f"image_folder: {Path(root) / split} is missing; expected {layout} "
-                                       f"(set data.root=<that folder>)")
-    classes = sorted(p.name for p in (Path(root) / "train").iterdir() if p.is_dir())
-    unknown = sorted({p.name for p in (Path(root) / "test").iterdir() if p.is_dir()} - set(classes))
-    if unknown:
-        raise ValueError(f"image_folder: test classes {unknown} have no folder under {Path(root) / 'train'}")
+    def read(paths):
+        return torch.stack([read_image(path_at(paths, i), spec) for i in range(len(paths))]) if len(paths) else None
 
-    def read(split):
-        xs, ys = [], []
-        for label, name in enumerate(classes):
-            for path in sorted((Path(root) / split / name).glob("*")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    with Image.open(path) as im:
-                        im = im.convert("L" if grayscale else "RGB")
-                        if im.size != (image_size, image_size):
-                            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                        xs.append(np.asarray(im))
-                    ys.append(label)
-        if not xs:
-            raise DatasetNotFoundError(f"image_folder: no images found in {Path(root) / split}; expected {layout}")
-        x = np.stack(xs)
-        return _tensor(x[:, None] if grayscale else x.transpose(0, 3, 1, 2)), _labels(ys)
-
-    return _image_arrays(*read("train"), *read("test"), classes)
+    return _image_arrays(read(files.train), files.train_y, read(files.test), files.test_y, files.classes,
+                         read(files.unlabeled))
 
 
 # ----------------------------------------------------------------------------- tabular
@@ -371,16 +355,22 @@ DATASETS: dict[str, Callable[..., DatasetArrays]] = {
 }
 
 
+def check_dataset(name: str, options: dict) -> None:
+    """ValueError unless ``name`` is a key of DATASETS and ``options`` are keywords of its loader."""
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(sorted(DATASETS))} (data.name)")
+    valid = [p for p in inspect.signature(DATASETS[name]).parameters if p not in ("root", "download")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid or 'none'}")
+
+
 def load_dataset(name: str, root: str | None = None, download: bool = False, **options) -> DatasetArrays:
     """Load dataset ``name`` (a key of DATASETS) with its loader's keyword ``options``.
 
     Raises ValueError for an unknown name or option, DatasetNotFoundError when the files are missing.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    loader = DATASETS[name]
-    valid = [p for p in inspect.signature(loader).parameters if p not in ("root", "download")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid or 'none'}")
-    return loader(root=root, download=download, **options)
+    check_dataset(name, options)
+    return DATASETS[name](root=root, download=download, **options)

@@ -69,6 +69,11 @@ class Dist:
         return self.world > 1 and (sync_bn if sync_bn is not None else self.device.type == "cuda")
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (known before the process group exists), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str) -> Dist:
     """Join the torchrun process group when launched by torchrun, else a single process.
 

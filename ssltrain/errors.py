@@ -31,3 +31,7 @@ class Interrupted(SSLTrainError):
 
 class CheckpointError(SSLTrainError):
     """A checkpoint is missing, unreadable, or does not match the run."""
+
+
+class DataError(SSLTrainError):
+    """An input file is unreadable or corrupt (with `data.on_bad_file: error`), or too many are in a row."""

@@ -1,28 +1,28 @@
 """Evaluation metrics: top-1, per-class accuracy, expected calibration error, confusion matrix."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, num_classes: int,
-             batch_size: int, ece_bins: int = 15, sum_: Callable[[Tensor], Tensor] = lambda t: t) -> dict:
-    """Metrics of `predict` (inputs -> class scores) on (x, y); one host sync at the end.
+def evaluate(predict: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]], num_classes: int,
+             device: torch.device, ece_bins: int = 15, sum_: Callable[[Tensor], Tensor] = lambda t: t) -> dict:
+    """Metrics of `predict` (inputs -> class scores) on the (x, y) `batches` (on `device`); one host sync
+    at the end.
 
     sum_: sums the accumulated counts over processes when each evaluates a shard of the test set.
 
     Returns top1 (in %), nll, ece (in %, equal-width confidence bins), per_class_top1 (list, %),
     confusion (list of rows: true class -> counts of predicted classes).
     """
-    confusion = torch.zeros(num_classes * num_classes, device=y.device, dtype=torch.long)
-    bins = torch.zeros(3, ece_bins, device=y.device, dtype=torch.float64)  # count, conf sum, correct sum
-    nll = torch.zeros((), device=y.device, dtype=torch.float64)
-    for lo in range(0, len(x), batch_size):
-        scores = predict(x[lo:lo + batch_size]).float()
-        target = y[lo:lo + batch_size]
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    bins = torch.zeros(3, ece_bins, device=device, dtype=torch.float64)  # count, conf sum, correct sum
+    nll = torch.zeros((), device=device, dtype=torch.float64)
+    for x, target in batches:
+        scores = predict(x).float()
         logp = scores.log_softmax(-1)
         conf, pred = logp.exp().max(-1)
         nll += -logp.gather(1, target[:, None]).sum().double()

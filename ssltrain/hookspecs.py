@@ -7,6 +7,7 @@ Three kinds of hook:
   the core provides the default, and any plugin may wrap it with `@hookimpl(wrapper=True)`.
 
 An implementation may accept any subset of a spec's arguments. Hooks run in `plugins:` order.
+Under torchrun every hook runs on every process (docs/plugins.md, "Several processes").
 """
 from __future__ import annotations
 
@@ -31,21 +32,21 @@ ONE_OWNER = (
 
 @hookspec
 def ssl_configure(config, plugins):
-    """Validate this plugin's settings against the whole run. Collected; runs once at startup.
+    """Validate this plugin's settings against the whole run, once at startup.
 
-    config: the resolved `RunConfig` (core sections plus every plugin's section).
-    plugins: the names of the active plugins, in order.
-    Raise `ssltrain.ConfigError` naming the problem and the fix (e.g. an incompatible plugin).
+    Collected. config: the resolved `RunConfig` (core sections, and every plugin's section as
+    `config.plugin(name)`); plugins: the names of the active plugins, in order. Raise
+    `ssltrain.ConfigError` naming the problem and the fix (e.g. an incompatible plugin).
     """
 
 
 @hookspec(firstresult=True)
 def ssl_build_model(config, num_classes, input_shape):
-    """Build the model. One owner; the core default builds `config.model` as a backbone.
+    """Build the model (the core default builds `config.model` as a backbone).
 
-    Returns an `nn.Module` whose forward returns logits [N, C] or a dict with "logits" and
-    other per-row tensors. Wrappers receive the built model (`model = yield`) and may return
-    a changed one (e.g. a wider head).
+    One owner. Returns an `nn.Module` whose forward returns logits [N, C] or a dict with "logits"
+    and other per-row tensors. Wrappers receive the built model (`model = yield`) and may return a
+    changed one (e.g. a wider head). Every process builds it, the same way.
     """
 
 
@@ -55,73 +56,84 @@ def ssl_build_model(config, num_classes, input_shape):
 def ssl_modify_batch(batch, ctx):
     """Change the `SSLBatch` in place before the forward (label guessing, mixing, extra views).
 
-    Modify hook: runs in `plugins:` order, each plugin seeing the previous one's changes.
-    Store plugin values in `batch.extras["<plugin>/<name>"]`. Return nothing.
+    Modify hook: runs in `plugins:` order, each plugin seeing the previous one's changes. Keep the
+    rows of x_l, y_l, idx_l (and of x_u, y_u, y_u_hidden, idx_u) aligned. Store plugin values in
+    `batch.extras["<plugin>/<name>"]`. Return nothing.
     """
 
 
 @hookspec(firstresult=True)
 def ssl_forward(model, batch, ctx, forward):
-    """Run the model on the batch and return `Outputs`. One owner.
+    """Run the model on the batch and return `Outputs`, every model output split into its rows.
 
-    forward(x, update_bn=True): the model call to use (functional during a virtual step);
-    it returns a dict with "logits" and any other per-row outputs.
-    Core default: one forward over cat(x_l, x_u), split back into labeled and unlabeled rows.
+    One owner. forward(x, update_bn=True, autocast=True) is the model call to use (a functional call
+    during a virtual step, the DDP model under torchrun); it always returns a dict: "logits" and the
+    model's other per-row outputs; autocast=False runs the call in float32 even under `train.amp` (for
+    numerically delicate forwards, e.g. VAT's finite differences). Return `logits_l` row-aligned with
+    `batch.x_l`, `logits_u` with `batch.x_u`, and every other key of the model's output split the same
+    way into `extras_l` / `extras_u` (other plugins read them); add your own entries as
+    "<plugin>/<name>". Returning None defers to the core default: one forward over cat(x_l, x_u),
+    split by `ssltrain.split_rows`.
     """
 
 
 @hookspec(firstresult=True)
 def ssl_supervised_loss(outputs, batch, ctx, forward):
-    """Return the supervised loss per labeled row, a tensor [B_l'] (not reduced). One owner.
+    """Return the supervised loss per labeled row, a tensor [B_l'] (not reduced).
 
-    Core default: cross-entropy of `outputs.logits_l` against `batch.y_l`, int or soft targets.
+    One owner. Core default: cross-entropy of `outputs.logits_l` against `batch.y_l` (int labels
+    or soft targets [B_l', C]).
     """
 
 
 @hookspec
 def ssl_unlabeled_loss(outputs, batch, ctx, forward):
-    """Return this plugin's unlabeled loss terms: a `LossTerm`, a list of them, or None. Collected.
+    """Return this plugin's unlabeled loss terms: a `LossTerm`, a list of them, or None.
 
-    Terms stay per sample ([B_u] or [B_u, V]); the core multiplies them by the unlabeled
-    weights and reduces them. Extra forwards go through `forward(x, update_bn=False)`.
+    Collected. Terms stay per sample ([B_u] or [B_u, V]); the core multiplies them by the unlabeled
+    weights and reduces them. Extra forwards go through `forward(x, update_bn=False)`. Implementing
+    it makes the run draw unlabeled rows (unless the plugin's `uses_unlabeled` is False).
     """
 
 
 @hookspec(firstresult=True)
 def ssl_unlabeled_weights(outputs, batch, ctx):
     """Return weights [B_u], one per row of `batch.x_u`, for every weighted unlabeled term, or None.
-    One owner.
 
-    Core default: None (uniform weights). A term reduces to weight * mean(w * per_sample).
+    One owner. The weights multiply the weighted terms of every plugin: a term reduces to
+    weight * mean(w * per_sample). Core default: None (uniform).
     """
 
 
 @hookspec(firstresult=True)
 def ssl_optimizer_step(closure, model, optimizer, scaler, ctx):
-    """Compute the loss, update the parameters, and return a `StepResult`. One owner.
+    """Compute the loss, update the parameters, and return a `StepResult`.
 
-    closure(params=None, labeled_only=False) -> LossResult reruns forward and losses on the
-    already modified batch; with `params` (a dict name -> tensor) the model is called
-    functionally on those tensors and its buffers are copies, so a virtual step leaves the real
-    model untouched. Core default: closure(), backward (through the grad scaler), optional
-    gradient clipping, optimizer step, zero grads. Plugins normally wrap it (bi-level steps).
+    One owner, normally wrapped (bi-level steps). closure(params=None, labeled_only=False) ->
+    LossResult reruns forward and losses on the already modified batch; with `params` (a dict
+    name -> tensor) the model is called functionally on those tensors with copied buffers, so a
+    virtual step leaves the real model untouched. Core default: closure(), backward (through the
+    grad scaler), optional gradient clipping, optimizer step, zero grads.
     """
 
 
 @hookspec
 def ssl_step_end(result, batch, ctx):
-    """Notification after the optimizer step: plugin bookkeeping. Collected; return nothing.
+    """Do plugin bookkeeping after the optimizer step, every step; return nothing.
 
-    Runs every step: do no host syncs here (keep statistics as tensors).
+    Collected. Runs every step on every process: keep statistics as device tensors (no `.item()`,
+    no printing). Collectives (`ssltrain.all_reduce_mean`) are allowed if every process makes the
+    same calls: decided by the step number or the config, never by this process's data.
     """
 
 
 @hookspec(firstresult=True)
 def ssl_predict(model, x):
-    """Return class scores [N, C] (logits or log-probabilities) for inputs x. One owner.
+    """Return class scores [N, C] (logits or log-probabilities) for inputs x.
 
-    Used for evaluation (with the EMA model when EMA is on) and through `ctx.predict` for
-    label guessing. Core default: the model's logits.
+    One owner. Used for evaluation (the EMA model when EMA is on) and through `ctx.predict` for
+    label guessing. No collectives: each process scores its own shard of the test set, and the
+    shards may need different numbers of calls. Core default: the model's logits.
     """
 
 
@@ -129,31 +141,44 @@ def ssl_predict(model, x):
 
 @hookspec
 def ssl_metrics(result, ctx):
-    """Return a dict of diagnostics "<plugin>/<name>" -> float or 0-dim tensor. Collected.
+    """Return diagnostics to log, a dict "<plugin>/<name>" -> float or 0-dim tensor, at log steps.
 
-    Called only at log steps: the one place where reading tensors to the host is fine.
+    Collected. Runs at the log steps only: every `train.log_every` steps and the last, the steps
+    where `ctx.is_log_step` is True; logged at TensorBoard step `ctx.step + 1`. It runs on every
+    process at once, so reading tensors to the host and averaging with `ssltrain.all_reduce_mean`
+    are fine here; only process 0's values are logged.
     """
 
 
 @hookspec
 def ssl_evaluate_end(model, data, prepare, metrics, step, logger):
-    """Notification after each evaluation of `model` (the evaluated model, EMA when on).
+    """Notify after each evaluation of `model` (the evaluated model: the EMA model when EMA is on).
 
-    data: the run's `SSLData`; prepare(x): raw dataset rows (e.g. `data.test_x[i]`) -> model inputs,
-    un-augmented and normalised as the evaluation feeds them (the run's memory format); metrics: the
-    evaluation metrics dict, to which a plugin may add its own evaluation scalars as
-    `metrics["<plugin>/<name>"] = float` (logged as `eval/<key>`, written to metrics.jsonl and, from the
-    last evaluation, to summary.json's `final_eval`); logger: the run's `RunLogger` for pictures (e.g.
-    `logger.figure(tag, fig, step)`). Collected; return nothing.
+    Collected; runs on every process; return nothing. data: the run's `SSLData` (streamed image files:
+    `data.train_x[idx]` and `data.test_x[idx]` decode those rows on access); prepare(x): raw
+    dataset rows (e.g. `data.test_x[i]`) -> model inputs, un-augmented and normalised as the
+    evaluation feeds them (the run's memory format); metrics: the evaluation's dict (summed over
+    processes), to which a plugin may add evaluation scalars `metrics["<plugin>/<name>"] = float`
+    (logged as `eval/<key>`, written to metrics.jsonl and, from the last evaluation, to
+    summary.json's `final_eval`); step: the number of finished steps; logger: the run's
+    `RunLogger` for pictures (`logger.figure(tag, fig, step)`; a no-op on processes other than 0).
     """
 
 
 @hookspec
 def ssl_state_dict(state):
-    """Save plugin state for checkpoints: set `state["<plugin name>"]` to a dict of tensors,
-    numbers, strings and lists. Modify hook; plugins without state do not implement it."""
+    """Save this plugin's state for checkpoints into `state["<plugin name>"]`.
+
+    Modify hook. Set `state[self.name]` to a dict of tensors, numbers, strings, lists and dicts
+    (checkpoints load with `weights_only=True`). Runs on every process; process 0's state is
+    written, and on resume every process loads it. Plugins without state do not implement it.
+    """
 
 
 @hookspec
 def ssl_load_state_dict(state):
-    """Restore plugin state from a checkpoint: read `state["<plugin name>"]`. Modify hook."""
+    """Restore this plugin's state from a checkpoint's `state["<plugin name>"]`.
+
+    Modify hook. Runs on resume, before the first step, on every process. The run must then
+    continue exactly as the uninterrupted one (`TinyRun.assert_resumes_exactly` checks it).
+    """

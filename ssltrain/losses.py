@@ -17,6 +17,12 @@ from .errors import NonFiniteLossError, PluginContractError
 from .types import LossTerm
 
 
+def loss_tag(name: str) -> str:
+    """The TensorBoard and train.jsonl name of an accumulated loss: "total", "supervised" or a term's
+    "<plugin>/<term>" under "loss/" (every one a weighted contribution: they add up to loss/total)."""
+    return f"loss/{name}"
+
+
 def as_terms(results) -> list[LossTerm]:
     """Flatten `ssl_unlabeled_loss` results (None, a LossTerm, or lists of them) into one list."""
     return [t for r in results if r is not None for t in (r if isinstance(r, (list, tuple)) else [r])]
@@ -53,4 +59,4 @@ def read_means(sums: dict[str, torch.Tensor], first_bad: torch.Tensor, count: in
             f"loss term {where} became non-finite at step {int(values[-1])}; the run stopped and the last good "
             f"checkpoint in {checkpoints} is intact (lower the learning rate or the term's weight, "
             f"or use train.amp=none)")
-    return {(f"loss/{n}" if n in ("total", "supervised") else n): v / count for n, v in zip(names, values)}
+    return {loss_tag(n): v / count for n, v in zip(names, values)}

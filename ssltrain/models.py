@@ -132,13 +132,14 @@ class SmallCNN(Backbone):
 
 
 class _WRNBlock(nn.Module):
-    """Pre-activation block: BN-LReLU-conv3x3-BN-LReLU-(dropout)-conv3x3.
-    With a shape change the 1x1-conv shortcut sees the pre-activated input
-    (as in the reference WRN / FixMatch code)."""
+    """Pre-activation block: BN-LReLU-conv3x3-BN-LReLU-(dropout)-conv3x3, plus a shortcut (identity,
+    or a 1x1 conv on a shape change). The shortcut receives the pre-activated input only with
+    ``activate_before_residual`` (the first block of the first stage), the raw input otherwise, as in
+    google-research/mixmatch libml/models.py:88-105 and google-research/fixmatch libml/models.py:72-89."""
 
     def __init__(
         self, cin: int, cout: int, stride: int, bn_momentum: float,
-        leaky_slope: float, dropout: float,
+        leaky_slope: float, dropout: float, activate_before_residual: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin, eps=1e-3, momentum=bn_momentum)
@@ -147,6 +148,7 @@ class _WRNBlock(nn.Module):
         self.conv2 = _conv3x3(cout, cout)
         self.act = nn.LeakyReLU(leaky_slope, inplace=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activate_before_residual = activate_before_residual
         self.shortcut = (
             nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
             if stride != 1 or cin != cout
@@ -157,14 +159,16 @@ class _WRNBlock(nn.Module):
         pre = self.act(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.dropout(self.act(self.bn2(out))))
-        return out + (x if self.shortcut is None else self.shortcut(pre))
+        skip = pre if self.activate_before_residual else x
+        return out + (skip if self.shortcut is None else self.shortcut(skip))
 
 
 class WideResNet(Backbone):
     """WRN-depth-k as in MixMatch/FixMatch (default WRN-28-2, ~1.47M params).
 
     conv3x3(16), 3 stages of ``(depth - 4) / 6`` pre-activation blocks with
-    widths 16k/32k/64k and strides 1/2/2, final BN-LReLU, GAP;
+    widths 16k/32k/64k and strides 1/2/2 (only the first block's shortcut sees the
+    pre-activated input: ``activate_before_residual``), final BN-LReLU, GAP;
     ``feature_dim = 64 * widen_factor``. BN uses momentum 0.001 (TF decay 0.999)
     and eps 1e-3. Init: conv kaiming-normal (fan_out, leaky_relu), BN 1/0,
     Linear xavier-normal with zero bias.
@@ -187,11 +191,11 @@ class WideResNet(Backbone):
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         layers: list[nn.Module] = [_conv3x3(in_channels, 16)]
         cin = 16
-        for width, stride in zip(widths, (1, 2, 2)):
+        for stage, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             for i in range(n):
                 layers.append(
-                    _WRNBlock(cin, width, stride if i == 0 else 1,
-                              bn_momentum, leaky_slope, dropout)
+                    _WRNBlock(cin, width, stride if i == 0 else 1, bn_momentum,
+                              leaky_slope, dropout, activate_before_residual=stage == 0 and i == 0)
                 )  # fmt: skip
                 cin = width
         layers += [

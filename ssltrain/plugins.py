@@ -23,22 +23,52 @@ TRACE_ENV = "SSLTRAIN_TRACE_HOOKS"
 
 
 class SSLPlugin:
-    """Optional base class for plugins.
+    """Optional base class for plugins: any class with `ssltrain.hookimpl` methods works the same.
 
-    A plugin class is built with its validated config section (an instance of its `Config`
-    pydantic model, or None when `Config` is None) and registered under its name (`self.name`).
-    Hooks are methods decorated with `ssltrain.hookimpl`. A plugin that implements
-    `ssl_unlabeled_loss` makes the run draw unlabeled batches, unless its `uses_unlabeled` is
-    False (e.g. an optional unlabeled term switched off in its config). `incompatible` maps the
-    names of plugins it cannot run with to the reason; listing both stops the run at startup.
+    The core builds one instance per run, `cls(config)`, where `config` is the plugin's validated
+    section (an instance of its nested `Config`, a `ssltrain.Section`) or None when `Config` is None;
+    a subclass that needs its own `__init__(self, config=None)` calls `super().__init__(config)`.
+    Keep per-run state on the instance (built lazily on `ctx.device` when it needs the device) and
+    save what later steps depend on with `ssl_state_dict`. `self.name` is the name the plugin is
+    registered under (its `plugins:` entry): "" inside `__init__`, set before the first hook.
+    A plugin that implements `ssl_unlabeled_loss` makes the run draw unlabeled batches, unless its
+    `uses_unlabeled` is False (e.g. an optional unlabeled term switched off in its config).
+    `incompatible` maps the names of plugins it cannot run with to the reason; listing both stops
+    the run at startup.
+
+    What users see (README, "What you see"): `descriptions` maps the plugin's TensorBoard names (its
+    diagnostics "<plugin>/<name>", loss terms "<plugin>/<term>", evaluation scalars) to a sentence that
+    says what the value is and its unit, shown on the TensorBoard card; `describe()` is the plugin's line
+    in the startup header.
     """
 
     Config = None
     name: str = ""
     incompatible: dict[str, str] = {}
+    descriptions: dict[str, str] = {}
 
     def __init__(self, config=None):
         self.config = config
+
+    def describe(self) -> str:
+        """One line for the startup header: the loss terms the plugin adds and their effective weights.
+        Default: the plugin's settings, "key value, ..."."""
+        return settings_text(self.config)
+
+
+def settings_text(config) -> str:
+    """"key value, ..." of a config section ("no settings" for None)."""
+    if config is None:
+        return "no settings"
+    return ", ".join(f"{k} {v}" for k, v in config.model_dump().items())
+
+
+def descriptions(pm: pluggy.PluginManager) -> dict[str, str]:
+    """The `descriptions` of every registered plugin, merged (TensorBoard tag name -> sentence)."""
+    out: dict[str, str] = {}
+    for plugin in pm.get_plugins():
+        out.update(getattr(plugin, "descriptions", None) or {})
+    return out
 
 
 def discover() -> dict[str, type]:

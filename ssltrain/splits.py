@@ -27,12 +27,12 @@ def _even_counts(total: int, k: int) -> list[int]:
     return [total // k + (i < total % k) for i in range(k)]
 
 
-def make_split(train_y, num_classes: int, num_labeled: int, seed: int, include_labeled_in_unlabeled: bool = True,
+def make_split(train_y, num_classes: int, num_labeled: int | None, seed: int, include_labeled_in_unlabeled: bool = True,
                seen_classes=None, unseen_ratio: float = 0.0, num_unlabeled: int | None = None) -> Split:
     """Draw a deterministic (per ``seed``) labeled/unlabeled split of ``train_y``.
 
     Labeled: ``num_labeled`` rows, class-balanced over the seen classes (``num_labeled // S`` each, the
-    remainder to the first classes in order). Without mismatch (``seen_classes`` None): the unlabeled pool
+    remainder to the first classes in order); None: every row of the seen classes. Without mismatch (``seen_classes`` None): the unlabeled pool
     is every train row (or every non-labeled row if not ``include_labeled_in_unlabeled``);
     ``num_unlabeled`` draws a random subset of that pool.
     With mismatch (``seen_classes`` = original class ids, in new-label order): the unlabeled set never
@@ -51,18 +51,20 @@ def make_split(train_y, num_classes: int, num_labeled: int, seed: int, include_l
     unseen = [c for c in range(num_classes) if c not in seen]
     if not 0 <= unseen_ratio <= 1 or (unseen_ratio and not mismatch):
         raise ValueError(f"unseen_ratio must be in [0, 1] and needs seen_classes, got {unseen_ratio}")
-    if num_labeled < len(seen):
+    if num_labeled is not None and num_labeled < len(seen):
         raise ValueError(f"num_labeled={num_labeled} is smaller than the number of (seen) classes, {len(seen)}")
 
     g = torch.Generator().manual_seed(seed)
     # every class's rows in a seed-determined random order; labeled rows are a prefix of their class's order
     order = {c: (y == c).nonzero().squeeze(1) for c in range(num_classes)}
     order = {c: rows[torch.randperm(len(rows), generator=g)] for c, rows in order.items()}
-    per_class = dict(zip(seen, _even_counts(num_labeled, len(seen))))
+    per_class = {c: len(order[c]) for c in seen} if num_labeled is None else \
+        dict(zip(seen, _even_counts(num_labeled, len(seen))))
     for c, n in per_class.items():
         if len(order[c]) < n:
             raise ValueError(f"class {c} has {len(order[c])} train samples but {n} labeled samples "
-                             f"were requested from it (num_labeled={num_labeled} over {len(seen)} classes)")
+                             f"were requested from it (num_labeled={num_labeled} over {len(seen)} classes); lower "
+                             f"data.num_labeled, or set it to null to label every train row")
     labeled = torch.cat([order[c][:n] for c, n in per_class.items()]).sort().values
     label_map = torch.full((num_classes,), -1, dtype=torch.int64)
     label_map[seen] = torch.arange(len(seen))

@@ -14,21 +14,25 @@ from torch import Tensor
 
 @dataclass
 class SSLBatch:
-    """One training step's data, on the training device.
+    """One training step's rows on the training device: drawn by the core, changed only in `ssl_modify_batch`.
 
-    x_l: augmented labeled inputs [B_l, ...]; y_l: int labels [B_l] or soft targets [B_l, C].
-        A plugin that changes x_l's rows keeps y_l and idx_l row-aligned with it.
-    x_u: augmented unlabeled rows [B_u, ...] (B_u may be 0: supervised runs draw none). A plugin
-        may replace them (e.g. K mixed views -> K * B_u rows); y_u, y_u_hidden and idx_u then stay
-        row-aligned with x_u. Weighted unlabeled loss terms have one loss per row of x_u.
-    y_u: soft targets [B_u, C] for the unlabeled rows, set by a label-guessing plugin (e.g.
-        MixMatch's sharpened, mixed guesses); None when no plugin guesses labels.
-    raw_l, raw_u: the drawn samples before augmentation (images in [0, 1], not normalised);
-        plugins draw further views with `ctx.augment(raw_u, "weak")`.
-    y_u_hidden: true labels of the unlabeled rows (-1 for classes outside the label space).
-        For logged diagnostics only: never use them in a loss.
-    idx_u: dataset indices of the unlabeled rows; idx_l: of the labeled rows.
-    extras: plugin-owned values, keyed "<plugin>/<name>".
+    Labeled rows (this process's share of `data.batch_size`, always drawn):
+    x_l: the labeled view (`data.augment.labeled_view`, "weak" by default), normalised for the model.
+    y_l: int labels [B_l] in 0..C-1, or soft targets [B_l, C] once a mixing plugin replaced them.
+    raw_l: the same rows before augmentation: images float in [0, 1], not normalised; vectors as stored.
+    idx_l: their dataset indices (rows of `SSLData.train_x`); with few labels a sample repeats in a batch.
+    Unlabeled rows (this process's share of `data.unlabeled_batch_size`; zero rows when no active plugin
+    implements `ssl_unlabeled_loss` with `uses_unlabeled` true, e.g. the supervised `plugins: []`):
+    x_u, raw_u, idx_u: as for the labeled rows (`data.augment.unlabeled_view`). Draw further views with
+        `ctx.augment(batch.raw_u, "strong")`.
+    y_u_hidden: the true labels of the unlabeled rows, -1 for a class outside the label space (class
+        mismatch) or no label (e.g. STL-10's unlabeled split). For logged diagnostics only (pseudo-label
+        accuracy and the like): never in a loss, a weight or a decision of the method.
+    y_u: soft targets [B_u, C] set by a label-guessing plugin (e.g. MixMatch); None when none did.
+    extras: plugin values for this step, keyed "<plugin>/<name>" (empty when drawn).
+    A plugin that changes a side's rows keeps that side's fields row-aligned (K views of x_u: repeat
+    y_u_hidden and idx_u K times); weighted unlabeled loss terms have one loss per row of x_u. Every
+    closure call of the step sees the same (modified) batch.
     """
 
     x_l: Tensor
@@ -45,10 +49,12 @@ class SSLBatch:
 
 @dataclass
 class Outputs:
-    """Model outputs of one forward over the batch, split into labeled and unlabeled rows.
+    """Model outputs of one step's forward, split into labeled and unlabeled rows (what `ssl_forward` returns).
 
-    `extras_l`/`extras_u` hold any other per-row tensors the model returns
-    (a model may return a dict with "logits" plus e.g. "z", "logdet").
+    logits_l: [B_l', C], row-aligned with `batch.x_l`; logits_u: [B_u, C], row-aligned with `batch.x_u`.
+    extras_l / extras_u: every other per-row output of the model (a model may return a dict with
+    "logits" plus e.g. "z", "log_px"), split the same way, plus the forward owner's own
+    "<plugin>/<name>" entries (e.g. the logits of a strong view).
     """
 
     logits_l: Tensor
@@ -97,11 +103,19 @@ class StepResult:
 
 @dataclass(frozen=True)
 class StepContext:
-    """Read-only facts about the current step.
+    """Read-only facts about the current step, the same object for every hook of the step.
 
-    predict(x, update_bn=True): class scores from the current model via `ssl_predict` (call under
-        no_grad for guesses; update_bn=False leaves batch-norm running statistics untouched).
-    augment(raw, view): a freshly augmented, normalised view ("weak", "strong", "none") of raw inputs.
+    step: the step being trained, counting from 0 (TensorBoard, metrics.jsonl and checkpoints count
+        finished steps: this step is logged as step + 1); total_steps: `train.steps`.
+    is_log_step: True when `ssl_metrics` runs after this step (every `train.log_every` steps and the
+        last); compute costly diagnostics only then.
+    num_classes, device, amp_dtype: of the run (amp_dtype None without mixed precision).
+    predict(x, update_bn=True): class scores of the current model through `ssl_predict`, in training
+        mode (dropout on, batch-norm batch statistics), for label guessing under `torch.no_grad()`;
+        update_bn=False leaves the batch-norm running statistics untouched.
+    augment(raw, view): a freshly augmented, normalised view ("weak", "strong" or "none") of raw rows
+        such as `batch.raw_u`, drawn from torch's generator (checkpointed, so resumes stay exact).
+    progress(length): step / length clipped to [0, 1], for ramps.
     """
 
     step: int

@@ -220,6 +220,7 @@ def test_normalize():
     assert_close(A.normalize(v, mean, std), (v - torch.tensor(mean)) / torch.tensor(std))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_syncs_on_cuda():
     x = images(8, 3, 16, 16, device="cuda")

@@ -170,3 +170,48 @@ def test_cost_mode_times_every_method_and_projects_the_matrix(tmp_path, monkeypa
     assert by["pi_model"]["x_supervised"] == "5.0" and by["pi_model"]["cells"] == 4
     # per cell 4 steps * 0.5 s + 2 evaluations * 2 s = 6 s; supervised 4 * 0.1 + 2 * 1 = 2.4 s
     assert hours == pytest.approx(4 * (6 + 2.4) / 3600)
+
+
+def test_parallel_cells_seed_by_seed_same_results_and_resume(tmp_path, capsys):
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    argv = [pi, "--labels", "4", "--seeds", "0", "1", "--name", "tiny", "--out", str(tmp_path / "results")]
+    assert benchmark.main([*argv, "--runs", str(tmp_path / "in_process")]) == 0
+    sequential = read_rows(tmp_path)
+    capsys.readouterr()
+    parallel_argv = [*argv, "--runs", str(tmp_path / "runs"), "--jobs", "2"]
+    assert benchmark.main(parallel_argv) == 0  # 4 cells, 2 at a time, each its own `ssltrain train` process
+    starts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[benchmark] running")]
+    assert ["seed=0" in line for line in starts] == [True, True, False, False]  # every seed-0 cell first
+    rows = read_rows(tmp_path)
+    assert [(r["method"], r["seed"], r["test_top1"]) for r in rows] == [  # the numbers of the in-process cells
+        (r["method"], r["seed"], r["test_top1"]) for r in sequential]
+
+    victim = Path(rows[0]["command"].split("--out ")[1])
+    (victim / "summary.json").unlink()
+    assert benchmark.main(parallel_argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("[benchmark] resuming") == 1 and "[benchmark] running" not in log and read_rows(tmp_path) == rows
+
+
+def test_seeds_at_gives_one_label_count_its_own_seeds(tmp_path, capsys):
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    cells = benchmark.build_cells([pi], [4, 8], [0, 1, 2], [], benchmark.discover(), {4: [0, 1]})
+    assert sorted({(c.config.data.num_labeled, c.config.seed) for c in cells}) == [
+        (4, 0), (4, 1), (8, 0), (8, 1), (8, 2)]
+    assert len(cells) == 2 * 5  # pi_model and the baseline in each
+    with pytest.raises(SystemExit):
+        benchmark.main([pi, "--labels", "4", "--seeds-at", "4:0,1"])
+    assert "expected LABELS=SEED,SEED" in capsys.readouterr().err
+
+
+def test_parallel_cells_run_behind_the_launcher_at_the_seeds_at_seeds(tmp_path):
+    pi = write_config(tmp_path / "pi.yaml", plugins=["pi_model"])
+    launcher = tmp_path / "slot.sh"
+    launcher.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "launched"}\nexec "$@"\n')
+    launcher.chmod(0o755)
+    argv = [pi, "--labels", "4", "--seeds", "0", "--seeds-at", "4=1", "--name", "tiny", "--out",
+            str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--jobs", "2", "--launcher", str(launcher)]
+    assert benchmark.main(argv) == 0
+    assert sorted((r["method"], r["seed"]) for r in read_rows(tmp_path)) == [("pi_model", "1"), ("supervised", "1")]
+    launched = (tmp_path / "launched").read_text().splitlines()
+    assert len(launched) == 2 and all(" -m ssltrain train " in line for line in launched)

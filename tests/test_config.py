@@ -25,7 +25,7 @@ def test_override_creates_nested_keys_and_plugin_sections():
     config = resolved({}, "model.options.hidden=[4, 4]", "pi_model.weight=3", "plugins=[pi_model]")
     assert config.model.options == {"hidden": [4, 4]}
     assert config.plugin("pi_model").weight == 3.0
-    assert config.to_dict()["pi_model"]["rampup_steps"] == 0
+    assert config.to_dict()["pi_model"]["rampup_steps"] is None  # default: 40% of train.steps
 
 
 @pytest.mark.parametrize("override, message", [

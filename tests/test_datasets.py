@@ -13,6 +13,7 @@ import torchvision.datasets.stl10
 import torchvision.datasets.svhn
 from PIL import Image
 
+from ssltrain import ConfigError
 from ssltrain.datasets import FASHION_MNIST_ROOT, DatasetNotFoundError, image_stats, load_dataset, read_idx
 
 rng = np.random.default_rng(0)
@@ -178,7 +179,7 @@ def test_image_folder(tmp_path):
     assert d.train_x[2, :, 1, 3].tolist() == [0, 128, 255]
     gray = load_dataset("image_folder", root=str(tmp_path), image_size=5, grayscale=True)
     assert gray.train_x.shape == (4, 1, 5, 5) and gray.train_x[0, 0, 0, 0] == 76  # L = .299 R + ...
-    with pytest.raises(DatasetNotFoundError, match="data.root"):
+    with pytest.raises(ConfigError, match="data.root"):
         load_dataset("image_folder", root=str(tmp_path / "nowhere"))
 
 

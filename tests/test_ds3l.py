@@ -98,6 +98,20 @@ def test_plugin_weights_normalized_or_the_papers_raw_form(tmp_path, normalize):
     torch.testing.assert_close(loss.weights, raw / raw.mean() if normalize else raw)
 
 
+def test_the_virtual_step_weights_see_the_live_prediction_the_real_step_a_detached_one(tmp_path):
+    """guolz-ml/DS3L train.py:113 (virtual step: wnet(out.softmax(1)), out not detached) and 140-141 (no_grad)."""
+    trainer = trainer_for(tmp_path)
+    batch, ctx, closure = first_step(trainer)
+    plugin, params = trainer.pm.get_plugin("ds3l"), dict(trainer.model.named_parameters())
+    plugin._ensure_meta_net(ctx)
+    plugin._in_meta_step = True
+    meta = closure(params=params)
+    plugin._in_meta_step = False
+    grads = torch.autograd.grad(meta.weights[0], list(params.values()), allow_unused=True)  # one row: sum is constant
+    assert any(g is not None and bool((g != 0).any()) for g in grads)  # the weights depend on θ
+    assert not closure().weights.requires_grad
+
+
 def test_the_real_update_has_no_grad_path_into_the_meta_net(tmp_path):
     trainer = trainer_for(tmp_path)
     batch, ctx, closure = first_step(trainer)
@@ -229,13 +243,13 @@ def test_auroc_matches_a_pairwise_count():
 
 
 def test_pi_model_with_ds3l_trains_and_logs_weight_diagnostics(tmp_path, blobs):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ssltrain.tblog import read_tensorboard, scalar_values
     config = make_config(*blobs, "train.steps=10", "ds3l.meta_lr=0.01", plugins=["pi_model", "ds3l"])
     summary = train(config, tmp_path / "run")
     assert summary["steps"] == 10 and np.isfinite(summary["test_top1"])
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
-    events.Reload()
-    values = {t: [e.value for e in events.Scalars(t)] for t in events.Tags()["scalars"] if t.startswith("ds3l/")}
+    events = read_tensorboard(tmp_path / "run" / "tb")
+    tags = events.PluginTagToContent("scalars")
+    values = {t: [v for _, v in scalar_values(events, t)] for t in tags if t.startswith("ds3l/")}
     assert set(values) == {"ds3l/meta_loss", "ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc"}
     assert all(len(v) == 2 for v in values.values())  # log steps 5 and 10
     assert all(0 < v < 1 for name in ("ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc")
@@ -243,7 +257,7 @@ def test_pi_model_with_ds3l_trains_and_logs_weight_diagnostics(tmp_path, blobs):
     # at each evaluation, the same statistics over the unlabeled set (eval/ in TensorBoard, final_eval in the summary)
     final = {k: v for k, v in summary["final_eval"].items() if k.startswith("ds3l/")}
     assert set(final) == {"ds3l/weight_seen", "ds3l/weight_unseen", "ds3l/weight_auroc"}
-    assert all(0 < v < 1 for v in final.values()) and "eval/ds3l/weight_auroc" in events.Tags()["scalars"]
+    assert all(0 < v < 1 for v in final.values()) and "eval/ds3l/weight_auroc" in tags
 
 
 def test_weight_stats_only_report_what_is_defined():
@@ -266,7 +280,8 @@ def test_mixmatch_with_ds3l_trains(tmp_path):
 
 def test_meta_net_and_its_optimizer_survive_a_resume(tmp_path):
     def config(steps):
-        return make_config(f"train.steps={steps}", "ds3l.meta_lr=0.01", plugins=["pi_model", "ds3l"])
+        return make_config(f"train.steps={steps}", "ds3l.meta_lr=0.01", "pi_model.rampup_steps=0",  # not 40% of steps
+                           plugins=["pi_model", "ds3l"])
 
     train(config(20), tmp_path / "straight")
     train(config(10), tmp_path / "resumed")

@@ -12,7 +12,7 @@ def test_metrics_on_known_predictions():
     p1 = torch.tensor([0.9, 0.8, 0.3, 0.6])
     scores = torch.stack([1 - p1, p1], 1).log()
     y = torch.tensor([1, 0, 0, 0])
-    m = evaluate(lambda x: scores[x], torch.arange(4), y, 2, batch_size=3)
+    m = evaluate(lambda x: scores[x], [(torch.arange(3), y[:3]), (torch.arange(3, 4), y[3:])], 2, y.device)
     assert m["top1"] == pytest.approx(50.0)
     assert m["confusion"] == [[1, 2], [0, 1]]
     assert m["per_class_top1"] == pytest.approx([100 / 3, 100.0])
@@ -25,5 +25,5 @@ def test_metrics_on_known_predictions():
 def test_perfectly_calibrated_confident_predictions():
     y = torch.arange(10) % 3
     scores = torch.nn.functional.one_hot(y, 3).float() * 100
-    m = evaluate(lambda x: scores[x], torch.arange(10), y, 3, batch_size=4)
+    m = evaluate(lambda x: scores[x], [(torch.arange(10), y)], 3, y.device)
     assert m["top1"] == 100.0 and m["ece"] == pytest.approx(0.0, abs=1e-6)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ssltrain import ConfigError, LossTerm, Outputs, SSLPlugin, hookimpl
-from ssltrain.defaults import split_rows
 from ssltrain.loop import Trainer, train
 from ssltrain.plugins import discover
+from ssltrain.testing import read_scalars
 
 from conftest import make_config
 
@@ -281,7 +281,7 @@ def test_hook_ssl_predict(tmp_path):
 
 
 def test_hook_ssl_metrics(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ssltrain.tblog import read_tensorboard, scalar_values
 
     class Diag(SSLPlugin):
         @hookimpl
@@ -290,13 +290,11 @@ def test_hook_ssl_metrics(tmp_path):
             return {"diag/batch_u": result.loss.outputs.logits_u.shape[0], "diag/loss": result.loss.total}
 
     run(tmp_path, {"diag": Diag, "pi_model": discover()["pi_model"]}, steps=10)
-    events = EventAccumulator(str(tmp_path / "run" / "tb"))
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    assert {"diag/batch_u", "diag/loss", "pi_model/consistency", "loss/supervised", "loss/total",
-            "core/lr", "eval/top1"} <= set(tags)
-    assert [e.step for e in events.Scalars("diag/batch_u")] == [5, 10]
-    assert events.Scalars("diag/batch_u")[0].value == 32
+    events = read_tensorboard(tmp_path / "run" / "tb")
+    tags = events.PluginTagToContent("scalars")
+    assert {"diag/batch_u", "diag/loss", "loss/pi_model/consistency", "loss/supervised", "loss/total",
+            "train/lr", "accuracy/top1"} <= set(tags)
+    assert scalar_values(events, "diag/batch_u") == [(5, 32.0), (10, 32.0)]
 
 
 def test_hook_ssl_evaluate_end(tmp_path):
@@ -391,3 +389,111 @@ def test_label_guessing_can_leave_batch_norm_statistics_alone(tmp_path):
     assert all(int(m.num_batches_tracked) == 0 for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
     closure()  # the training forward updates them
     assert all(int(m.num_batches_tracked) == 1 for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_ssl_metrics_runs_exactly_at_log_steps_and_steps_are_zero_based(tmp_path):
+    """ssl_metrics runs at the log steps (every train.log_every and the last), the only steps with
+    ctx.is_log_step; evaluation and checkpoint steps in between log the losses but call no ssl_metrics.
+    ctx.step counts from 0; TensorBoard steps count finished steps (ctx.step + 1)."""
+    log_steps, metric_calls = [], []
+
+    class When(SSLPlugin):
+        @hookimpl
+        def ssl_modify_batch(self, ctx):
+            if ctx.is_log_step:
+                log_steps.append(ctx.step)
+
+        @hookimpl
+        def ssl_metrics(self, ctx):
+            metric_calls.append((ctx.step, ctx.is_log_step))
+            return {"when/ctx_step": ctx.step}
+
+    config = make_config("train.steps=10", "train.log_every=5", "train.eval_every=3", classes={"when": When},
+                         plugins=["when", "pi_model"])
+    train(config, tmp_path, classes={**discover(), "when": When})
+    assert log_steps == [4, 9] and metric_calls == [(4, True), (9, True)]
+    scalars = read_scalars(tmp_path)
+    assert scalars["when/ctx_step"] == [(5, 4.0), (10, 9.0)]
+    assert [step for step, _ in scalars["loss/total"]] == [3, 5, 6, 9, 10]  # evaluation/checkpoint steps too
+
+
+def test_hook_docstrings_open_with_a_complete_sentence():
+    """`ssltrain hooks` prints each docstring's first line: it must be the whole first sentence."""
+    from ssltrain import hookspecs
+    for name in (n for n in dir(hookspecs) if n.startswith("ssl_")):
+        first = getattr(hookspecs, name).__doc__.strip().splitlines()[0]
+        assert first.endswith("."), f"{name}: first docstring line is not a complete sentence: {first!r}"
+
+
+def test_forward_returns_a_dict_and_update_bn_false_uses_batch_statistics_without_updating(tmp_path):
+    seen = {}
+
+    class Probe(SSLPlugin):
+        @hookimpl
+        def ssl_forward(self, model, batch, forward):
+            frozen = forward(batch.x_u, update_bn=False)
+            seen["tracked_after_frozen"] = [int(m.num_batches_tracked) for m in model.modules()
+                                            if isinstance(m, nn.BatchNorm2d)]
+            seen["training"] = model.training
+            seen["dict"] = isinstance(frozen, dict) and set(frozen) == {"logits"}  # a tensor model, wrapped
+            updating = forward(batch.x_u)
+            seen["same_logits"] = torch.equal(frozen["logits"], updating["logits"])  # both batch statistics
+            return None  # defer to the core's forward
+
+    config = make_config("data.name=synthetic", "data.options={n_train: 64, n_test: 8, shape: [1, 8, 8], num_classes: 2}",
+                         "model.name=small_cnn", "model.options={width: 4}", classes={"probe": Probe},
+                         plugins=["probe", "pi_model"])
+    trainer = Trainer(config, tmp_path, {**discover(), "probe": Probe})
+    batch, ctx, closure = first_closure(trainer)
+    closure()
+    assert seen["training"] and seen["dict"] and seen["same_logits"]
+    assert set(seen["tracked_after_frozen"]) == {0}
+    assert {int(m.num_batches_tracked) for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d)} == {2}
+
+
+def test_batch_fields_hold_what_the_docs_say(tmp_path):
+    """SSLBatch as drawn: raw rows in [0, 1], views of them, dataset indices, true labels with -1 for
+    unseen classes, no soft targets, no extras; a run without unlabeled terms draws no unlabeled rows."""
+    images = ["data.name=synthetic", "data.options={n_train: 120, n_test: 12, shape: [1, 8, 8], num_classes: 3}",
+              "data.num_labeled=8", "data.class_mismatch={seen_classes: [0, 1], unseen_ratio: 0.5}",
+              "model.name=small_cnn", "model.options={width: 4}"]
+    trainer = Trainer(make_config(*images, plugins=["pi_model"]), tmp_path)
+    batch, data = trainer.draw(0), trainer.data
+    assert batch.x_u.shape[0] == batch.raw_u.shape[0] == batch.idx_u.shape[0] == batch.y_u_hidden.shape[0] == 32
+    torch.testing.assert_close(batch.raw_u, data.train_x[batch.idx_u].float() / 255)
+    torch.testing.assert_close(batch.raw_l, data.train_x[batch.idx_l].float() / 255)
+    assert torch.equal(batch.y_u_hidden, data.y_hidden[batch.idx_u]) and torch.equal(batch.y_l, data.y_hidden[batch.idx_l])
+    assert bool((batch.y_u_hidden == -1).any()) and bool((batch.y_l >= 0).all())
+    assert set(batch.idx_l.tolist()) <= set(data.labeled_idx.tolist())
+    assert batch.y_u is None and batch.extras == {}
+    supervised = Trainer(make_config(*images, plugins=[]), tmp_path).draw(0)
+    assert supervised.x_u.shape[0] == supervised.raw_u.shape[0] == supervised.idx_u.shape[0] == 0
+
+
+def test_a_plugin_is_built_with_its_section_and_named_before_the_first_hook(tmp_path):
+    from ssltrain import Section
+    seen = {}
+
+    class Named(SSLPlugin):
+        class Config(Section):
+            weight: float = 1.0
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            seen["init"] = (self.name, config)
+
+        @hookimpl
+        def ssl_configure(self):
+            seen["configure"] = self.name
+
+    class Bare:  # no base class: any class built as cls(config) with hookimpl methods works
+        def __init__(self, config):
+            self.config = config
+
+        @hookimpl
+        def ssl_step_end(self):
+            pass
+
+    trainer = trainer_with(tmp_path, {"named": Named, "bare": Bare}, named={"weight": 2.0})
+    assert seen["init"][0] == "" and seen["init"][1].weight == 2.0 and seen["configure"] == "named"
+    assert trainer.pm.get_plugin("bare").config is None

@@ -18,22 +18,32 @@ from ssltrain.plugins import discover
 def test_run_directory_contents(tmp_path):
     summary = train(make_config(plugins=["pi_model"]), tmp_path / "run")
     run = tmp_path / "run"
-    for name in ["config.yaml", "labeled_indices.json", "metrics.jsonl", "summary.json",
+    for name in ["config.yaml", "labeled_indices.json", "metrics.jsonl", "train.jsonl", "summary.json", "console.log",
                  "checkpoints/last.pt", "checkpoints/best.pt"]:
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [10, 20]
     assert {"top1", "ece", "nll", "per_class_top1", "confusion"} <= set(evals[0])
+    assert evals[0]["classes"] == ["upper_moon", "lower_moon"]  # beside per_class_top1
     assert len(json.loads((run / "labeled_indices.json").read_text())) == 8
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
-    for key in ["test_top1", "best_test_top1", "median_last_test_top1", "steps", "wall_seconds",
+    for key in ["test_top1", "best_test_top1", "median_last_test_top1", "steps", "wall_seconds", "train_seconds",
                 "train_samples_per_second"]:
         assert key in summary
     assert summary["steps"] == 20 and summary["test_top1"] == evals[-1]["top1"]
     assert summary["best_test_top1"] == max(e["top1"] for e in evals)
-    assert summary["median_last_test_top1"] == pytest.approx(sum(e["top1"] for e in evals) / 2)
+    # evaluations at steps 10 and 20 of 20: the median headline takes the second half only (step 20)
+    assert summary["median_last_test_top1"] == evals[-1]["top1"] and summary["median_last_steps"] == [20, 20]
+    for key in ["seed", "dataset", "num_labeled", "best_step", "started_at", "ended_at", "versions", "command"]:
+        assert key in summary, key
+    assert set(summary["versions"]) == {"ssltrain", "torch", "python"}
+    rows = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]  # log_every 5
+    assert {"loss/total", "loss/supervised", "loss/pi_model/consistency", "train/lr"} <= set(rows[0])
+    assert rows[0]["loss/total"] == pytest.approx(rows[0]["loss/supervised"] + rows[0]["loss/pi_model/consistency"])
+    assert "step 20/20" in (run / "console.log").read_text()
 
 
 def test_labeled_split_is_class_balanced_and_seeded(tmp_path):
@@ -53,9 +63,10 @@ def test_supervised_baseline_draws_no_unlabeled_data(tmp_path):
 @pytest.mark.parametrize("plugins", [[], ["pi_model"]])
 def test_resume_continues_exactly(tmp_path, plugins):
     """A run stopped at step 10 and resumed ends with the same weights as an uninterrupted run."""
-    full = make_config("train.steps=20", "train.checkpoint_every=10", "model.options.dropout=0.2", plugins=plugins)
+    ramp = ["pi_model.rampup_steps=5"] if plugins else []  # a fixed length: the default follows train.steps
+    full = make_config("train.steps=20", "train.checkpoint_every=10", "model.options.dropout=0.2", *ramp, plugins=plugins)
     train(full, tmp_path / "full")
-    half = make_config("train.steps=10", "train.checkpoint_every=10", "model.options.dropout=0.2", plugins=plugins)
+    half = make_config("train.steps=10", "train.checkpoint_every=10", "model.options.dropout=0.2", *ramp, plugins=plugins)
     train(half, tmp_path / "resumed")
     summary = train(full, tmp_path / "resumed", resume=True)
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")

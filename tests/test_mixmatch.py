@@ -190,10 +190,10 @@ def test_modify_batch_shapes_targets_and_frozen_bn_while_guessing(tmp_path):
     torch.testing.assert_close(batch.y_l.sum(-1), torch.ones(b))
     torch.testing.assert_close(batch.y_u.sum(-1), torch.ones(2 * b_u))
     assert torch.equal(batch.y_u_hidden, y_hidden.repeat(2)) and torch.equal(batch.idx_u, idx_u.repeat(2))
-    assert not batch.y_u.requires_grad and batch.extras["mixmatch/guess"].shape == (b_u, 2)
+    assert not batch.y_u.requires_grad and batch.extras["mixmatch/pseudo_labels"].shape == (b_u, 2)
     assert batch.extras["mixmatch/views"].shape == (2 * b_u, 2)
     share = trainer.pm.get_plugin("mixmatch").diagnostics["mixmatch/guess_min_class_share"]
-    torch.testing.assert_close(share, batch.extras["mixmatch/guess"].mean(0).min() * 2)
+    torch.testing.assert_close(share, batch.extras["mixmatch/pseudo_labels"].mean(0).min() * 2)
     assert 0 <= share <= 1
     # each mixed labeled target keeps at least half of its own one-hot label
     own = batch.y_l.gather(1, y_l[:, None]).squeeze(1)

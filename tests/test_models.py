@@ -110,6 +110,30 @@ def test_wrn28_2_params_bn_and_init():
     assert leaky and all(m.negative_slope == 0.1 for m in leaky)
 
 
+def test_wrn_only_the_first_stage_shortcut_sees_the_preactivated_input():
+    """google-research/mixmatch libml/models.py:88-105: activate_before_residual in stage 1 only; the 1x1
+    shortcuts of stages 2 and 3 get the block's raw input."""
+    torch.manual_seed(0)
+    model = WideResNet(num_classes=10).train()
+    assert n_params(model) == 1_467_610  # the structure changes what the shortcut sees, not the parameters
+    blocks = [m for m in model.body if hasattr(m, "shortcut") and m.shortcut is not None]
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.setdefault(("in", m), a[0].clone())) for b in blocks]
+    hooks += [b.shortcut.register_forward_pre_hook(lambda m, a: seen.setdefault(("sc", m), a[0].clone()))
+              for b in blocks]
+    model(torch.randn(4, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    for stage, block in enumerate(blocks):
+        x, got = seen[("in", block)], seen[("sc", block.shortcut)]
+        with torch.no_grad():
+            pre = block.act(nn.functional.batch_norm(x, None, None, block.bn1.weight, block.bn1.bias, True,
+                                                      0.0, block.bn1.eps))
+        expected = pre if stage == 0 else x
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(pre, x)  # the two inputs are distinguishable
+
+
 def test_wrn_rejects_bad_depth():
     with pytest.raises(ValueError, match="6n\\+4"):
         WideResNet(10, depth=27)

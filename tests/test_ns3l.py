@@ -109,7 +109,7 @@ def test_alone_thresholds_the_main_forward_and_its_second_forward_leaves_batch_n
         expected = ns_loss(forward(view, update_bn=False)["logits"], negatives)
     assert term.name == "ns3l/unlabeled" and term.weighted and term.per_sample.shape == (n_u,)
     torch.testing.assert_close(term.per_sample, expected)
-    assert term.weight == pytest.approx(2 * n_u / (n_l + n_u))  # official whole-batch average
+    assert term.weight == pytest.approx(2 * n_u / n_l)  # official whole-batch average, against a labeled mean
 
 
 def test_composed_uses_targets_and_the_same_forward_on_every_row():

@@ -1,6 +1,8 @@
 """Optimizers, schedules, EMA, ramps and the batch-norm freeze."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -65,3 +67,14 @@ def test_frozen_bn_keeps_running_stats_but_uses_batch_stats():
     torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     bn(x)
     assert not torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def test_schedule_shapes_as_documented():
+    """docs/plugins.md, "Learning-rate schedules": min_lr_ratio is cosine's floor; fixmatch_cosine ignores it."""
+    cosine = OptimConfig(schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cosine) == 1.0 and lr_factor(100, 100, cosine) == pytest.approx(0.1)
+    assert lr_factor(50, 100, cosine) == pytest.approx(0.55)
+    fixmatch = OptimConfig(schedule="fixmatch_cosine", min_lr_ratio=0.5, warmup_steps=10)
+    assert lr_factor(0, 110, fixmatch) == pytest.approx(0.1) and lr_factor(10, 110, fixmatch) == 1.0
+    assert lr_factor(110, 110, fixmatch) == pytest.approx(math.cos(7 * math.pi / 16))  # 0.195
+    assert lr_factor(60, 110, fixmatch) == pytest.approx(math.cos(7 * math.pi / 32))

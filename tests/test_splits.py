@@ -15,6 +15,13 @@ def test_labeled_class_balanced_and_sorted():
     assert torch.bincount(Y[make_split(Y, 10, 23, seed=0).labeled_idx]).tolist() == [3, 3, 3] + [2] * 7
 
 
+def test_num_labeled_none_labels_every_row_of_the_seen_classes():
+    y = torch.tensor([0, 0, 0, 1, 2, 2, 1])  # imbalanced classes
+    s = make_split(y, 3, None, seed=0)
+    assert s.labeled_idx.tolist() == list(range(7)) and s.unlabeled_idx.tolist() == list(range(7))
+    assert len(make_split(y, 3, None, seed=0, include_labeled_in_unlabeled=False).unlabeled_idx) == 0
+
+
 def test_deterministic_per_seed():
     a, b, c = make_split(Y, 10, 40, seed=1), make_split(Y, 10, 40, seed=1), make_split(Y, 10, 40, seed=2)
     assert torch.equal(a.labeled_idx, b.labeled_idx) and torch.equal(a.unlabeled_idx, b.unlabeled_idx)

@@ -1,7 +1,7 @@
 """Time the ssltrain training step against a hand-written PyTorch loop doing the same math.
 
     python tools/bench.py --shape mixmatch [--device cuda] [--steps 20] [--warmup 3]
-                          [--amp bf16] [--channels-last] [--compile] [--json out.json]
+                          [--amp bf16] [--channels-last] [--compile [MODE]] [--json out.json]
 
 Shapes (synthetic data in the right shape; nothing is downloaded):
   supervised  WRN-28-2, 32x32, 64 labeled rows                                  plugins: []
@@ -9,6 +9,13 @@ Shapes (synthetic data in the right shape; nothing is downloaded):
   heavy       WRN-28-2, 32x32, 64 labeled + 448 unlabeled x (weak + strong view) = 960 images
                                                                                 plugins: [pi_model]
   small_cnn   SmallCNN, 28x28x1, 64 labeled + 64 unlabeled x 2 views          plugins: [pi_model]
+  small_cnn_mixmatch  the Fashion-MNIST MixMatch step of configs/mixmatch_fashion_mnist.yaml: SmallCNN
+              (width 32, BN momentum 0.01), 28x28x1, 64 labeled + 2 x 64 unlabeled views   plugins: [mixmatch]
+
+`--compile` compiles the model of both loops as `train.compile: true` does; `--compile reduce-overhead`
+(CUDA graphs through torch.compile) or another torch.compile mode passes that mode, and
+`--compile-backend` another backend (aot_eager: graph capture without inductor, for rehearsals on a CPU).
+`--toy` shrinks every shape (smallest widths and depths, batches / 8) to rehearse the tool in seconds.
 
 Both loops use the same model, batch shapes, augmentation functions, losses, Adam and EMA. Step
 times are medians over the timed steps (warm-up excluded; CUDA events on GPU), measured in turns
@@ -38,7 +45,7 @@ from ssltrain.loop import Trainer
 from ssltrain.models import build_backbone
 from ssltrain.optim import EMA, frozen_bn
 from ssltrain.plugins import discover
-from ssltrain.testing import tiny_config
+from ssltrain.tiny import tiny_config
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 SHAPES = {  # name: (model, model options, image shape, labeled, unlabeled, plugins)
@@ -46,23 +53,47 @@ SHAPES = {  # name: (model, model options, image shape, labeled, unlabeled, plug
     "mixmatch": ("wrn", {}, (3, 32, 32), 64, 64, ["mixmatch"]),
     "heavy": ("wrn", {}, (3, 32, 32), 64, 448, ["pi_model"]),
     "small_cnn": ("small_cnn", {}, (1, 28, 28), 64, 64, ["pi_model"]),
+    "small_cnn_mixmatch": ("small_cnn", {"width": 32, "bn_momentum": 0.01}, (1, 28, 28), 64, 64, ["mixmatch"]),
 }
+TOY_MODELS = {"wrn": {"depth": 10, "widen_factor": 1}, "small_cnn": {"width": 4}}  # --toy: the smallest of each
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def shape_spec(shape: str, args) -> tuple:
+    """SHAPES[shape], shrunk under --toy (smallest model, batches / 8)."""
+    model, options, image, labeled, unlabeled, plugins = SHAPES[shape]
+    if getattr(args, "toy", False):
+        options, labeled, unlabeled = {**options, **TOY_MODELS.get(model, {})}, labeled // 8, unlabeled // 8
+    return model, options, image, labeled, unlabeled, plugins
+
+
+def compile_model(module: torch.nn.Module, args) -> torch.nn.Module:
+    """torch.compile(module) with --compile's mode and --compile-backend (the eager module without --compile)."""
+    if not args.compile:
+        return module
+    mode = None if args.compile == "default" else args.compile
+    return torch.compile(module, mode=mode, backend=getattr(args, "compile_backend", "inductor"))
+
+
+def uses_cuda_graphs(args) -> bool:
+    """Compile modes that replay CUDA graphs want each training step marked (torch.compiler.cudagraph_mark_step_begin)."""
+    return bool(args.compile) and args.compile in ("reduce-overhead", "max-autotune")
 
 
 def bench_config(shape: str, args, steps: int):
-    model, options, image, labeled, unlabeled, plugins = SHAPES[shape]
+    model, options, image, labeled, unlabeled, plugins = shape_spec(shape, args)
     overrides = [
         "data.name=synthetic", f"data.options={{n_train: 4096, n_test: 256, shape: {list(image)}}}",
         "data.num_labeled=1000", f"data.batch_size={labeled}", f"data.unlabeled_batch_size={max(unlabeled, 1)}",
         f"model.name={model}", f"model.options={json.dumps(options)}", "optim.lr=0.002",
         f"train.steps={steps}", f"train.eval_every={steps}", f"train.log_every={steps}", "train.ema=0.999",
-        f"train.device={args.device}", f"train.amp={args.amp}", f"train.compile={str(args.compile).lower()}",
+        f"train.device={args.device}", f"train.amp={args.amp}", "train.compile=false",  # compiled by compile_model
         *([] if args.channels_last is None else [f"train.channels_last={str(args.channels_last).lower()}"]),
         "train.progress=lines",
         "pi_model.view=strong", "pi_model.weight=10", "mixmatch.rampup_steps=16384"]
     if args.threads:
         overrides.append(f"train.cpu_threads={args.threads}")
-    config = tiny_config(*overrides, plugins=plugins)
+    config = tiny_config(plugins, overrides=overrides)
     for name in ("pi_model", "mixmatch"):  # keep only the active plugins' sections
         if name not in plugins:
             config.plugin_configs.pop(name, None)
@@ -93,13 +124,16 @@ class Clock:
 
 
 class StepClock(SSLPlugin):
-    """Marks the end of every training step, and counts hook calls per step."""
+    """Marks the end of every training step (and, under CUDA graphs, the start of the next one)."""
 
     clock: Clock
+    cuda_graphs = False
 
     @hookimpl
     def ssl_step_end(self):
         self.clock.mark()
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 def time_ssltrain(shape: str, args) -> tuple[list[float], int, float]:
@@ -109,7 +143,10 @@ def time_ssltrain(shape: str, args) -> tuple[list[float], int, float]:
     classes = {**discover(), "clock": StepClock}
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, classes)
-        clock = trainer.pm.get_plugin("clock").clock = Clock(trainer.device)
+        trainer.train_model = compile_model(trainer.train_model, args)
+        step_clock = trainer.pm.get_plugin("clock")
+        clock = step_clock.clock = Clock(trainer.device)
+        step_clock.cuda_graphs = uses_cuda_graphs(args)
         calls = []
         undo = trainer.pm.add_hookcall_monitoring(lambda name, impls, kwargs: calls.append(name), lambda *a: None)
         trainer.draw(0)  # warm the index stream
@@ -129,7 +166,7 @@ def time_plain(shape: str, args) -> tuple[list[float], float, int]:
     config = bench_config(shape, args, args.warmup + args.steps)
     trainer = Trainer(config, tempfile.mkdtemp(), discover())  # only to share the data tensors on the device
     data, device = trainer.data, trainer.device
-    model_name, options, _, b_l, b_u, plugins = SHAPES[shape]
+    model_name, options, _, b_l, b_u, plugins = shape_spec(shape, args)
     torch.manual_seed(0)
     model = build_backbone(model_name, data.num_classes, data.input_shape, **options).to(device)
     memory_format = torch.channels_last if trainer.augment.channels_last else torch.preserve_format
@@ -151,6 +188,8 @@ def time_plain(shape: str, args) -> tuple[list[float], float, int]:
         return ((x - mean) / std).contiguous(memory_format=memory_format)
 
     def step():
+        if uses_cuda_graphs(args):
+            torch.compiler.cudagraph_mark_step_begin()
         li = data.labeled_idx[torch.randint(n_l, (b_l,), device=device)]
         raw_l, y = data.train_x[li].float() / 255, data.y_hidden[li]
         if not plugins:
@@ -194,8 +233,7 @@ def time_plain(shape: str, args) -> tuple[list[float], float, int]:
     model.train()
     with FlopCounterMode(display=False) as flop_counter:
         step()
-    if args.compile:
-        net = torch.compile(model)
+    net = compile_model(model, args)
     clock = Clock(device)
     _reset_peak(device)
     for _ in range(args.warmup + args.steps):
@@ -248,7 +286,10 @@ def main() -> int:
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: the trainer's (on for images)")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None,
+                   help="compile the model (optionally with a torch.compile mode, e.g. reduce-overhead)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no inductor)")
+    p.add_argument("--toy", action="store_true", help="tiny versions of the shapes (rehearsals)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     p.add_argument("--json", help="also write the results to this file")
@@ -277,7 +318,7 @@ def main() -> int:
             plain += times
             peaks.append((peak, peak_plain))
         t_ours, t_plain = statistics.median(ours), statistics.median(plain)
-        _, _, image, b_l, b_u, plugins = SHAPES[shape]
+        _, _, image, b_l, b_u, plugins = shape_spec(shape, args)
         images = b_l + b_u * (2 if plugins else 0)
         row = {"shape": shape, "images_per_step": images, "ssltrain_step_s": t_ours, "plain_step_s": t_plain,
                "ratio": t_ours / t_plain, "ssltrain_steps_per_s": 1 / t_ours, "plain_steps_per_s": 1 / t_plain,
@@ -291,8 +332,8 @@ def main() -> int:
               f"hooks {calls}/step x {per_call * 1e6:.1f} us = {100 * row['dispatch_share']:.3f}% of the step  "
               f"peak mem {row['peak_memory_mb']:.0f} MB (plain {row['plain_peak_memory_mb']:.0f} MB)  "
               f"{row['gflop_per_step']:.1f} GFLOP/step = {row['ssltrain_gflop_per_s']:.1f} GFLOP/s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "allocator": allocator, "results": results}, indent=2))
+        if args.json:  # after every shape: a run stopped later keeps the shapes already timed
+            Path(args.json).write_text(json.dumps({"args": vars(args), "allocator": allocator, "results": results}, indent=2))
     return 0
 
 

@@ -1,10 +1,11 @@
 """Benchmark matrix: configs x label counts x seeds, always with the supervised baseline.
 
     python tools/benchmark.py configs/mixmatch_fashion_mnist.yaml --labels 40 250 1000 --seeds 0 1 \
-        [--set train.steps=3000 ...] [--name fashion_mnist] [--out results] [--runs runs/benchmark]
+        [--seeds-at 40=0,1] [--set train.steps=3000 ...] [--name fashion_mnist] [--out results]
+        [--runs runs/benchmark] [--jobs N [--launcher CMD]]
 
 Every config is run at every label count (`data.num_labeled`) and seed (`seed`: the labeled split
-and the initialisation). For each config the supervised baseline is the same config with
+and the initialisation); `--seeds-at 40=0,1` runs label count 40 at seeds 0 and 1 instead. For each config the supervised baseline is the same config with
 `plugins=[]`: same model, augmentation, optimizer, EMA and steps. Each cell trains in its own run
 directory, named by a hash of its resolved config; a cell with a summary.json is not re-run and an
 interrupted one resumes from its checkpoint, so re-running the command continues the matrix.
@@ -23,6 +24,13 @@ trains every method (and the baseline) for 40 steps, `--cost-rounds` times in tu
 slows every method alike), and writes `<out>/<name>_cost.md`: seconds per training step and per evaluation
 (medians over the rounds), each method's cost relative to the baseline (and to FixMatch when present), and
 the projected CPU time of the whole matrix at the configs' `train.steps` and `train.eval_every`.
+
+`--jobs N` trains N cells at a time, each as its own `ssltrain train` process (its output in the
+cell's `train.log`): small models leave a GPU mostly idle, and several processes fill it. Cells then
+start seed by seed (every method's seed 0 first, in the order of `--labels`), so a matrix stopped early
+holds whole comparisons at fewer seeds. `--launcher CMD` puts CMD before each cell's process, e.g. a
+wrapper that waits for a free CPU slot. SIGINT/SIGTERM stop the matrix: running cells write a
+checkpoint, and the same command resumes them.
 """
 from __future__ import annotations
 
@@ -31,9 +39,12 @@ import csv
 import hashlib
 import json
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,21 +88,26 @@ class Cell:
         c = self.config  # named by `plugins`, not `method`: a cell's directory must not depend on its peers
         return root / f"{c.data.name}-n{c.data.num_labeled}-{self.plugins}-s{c.seed}-{self.key}"
 
+    def argv(self, root: Path) -> list[str]:
+        """`ssltrain train` arguments that train this cell."""
+        return ["train", self.config_path, *(a for o in self.overrides for a in ("--set", o)),
+                "--out", str(self.run_dir(root))]
+
     def command(self, root: Path) -> str:
-        sets = " ".join(f"--set {shlex.quote(o)}" for o in self.overrides)
-        return f"ssltrain train {shlex.quote(self.config_path)} {sets} --out {shlex.quote(str(self.run_dir(root)))}"
+        return "ssltrain " + shlex.join(self.argv(root))
 
 
 def build_cells(config_paths: list[str], labels: list[int], seeds: list[int], overrides: list[str],
-                classes: dict[str, type]) -> list[Cell]:
-    """The matrix, baselines included, without duplicates (configs may share a baseline). Configs with
-    different baselines get baselines named after their files."""
+                classes: dict[str, type], seeds_at: dict[int, list[int]] | None = None) -> list[Cell]:
+    """The matrix, baselines included, without duplicates (configs may share a baseline): every label count
+    at `seeds`, or at `seeds_at[labels]` where given. Configs with different baselines get baselines named
+    after their files."""
     cells: dict[str, Cell] = {}
     baseline_keys: dict[str, set[str]] = {}  # config path -> keys of its baseline cells
     for path in config_paths:
         raw = load_yaml(path)
         for n in labels:
-            for seed in seeds:
+            for seed in (seeds_at or {}).get(n, seeds):
                 for plugins in (None, "plugins=[]"):
                     sets = [*overrides, f"data.num_labeled={n}", f"seed={seed}", *([plugins] if plugins else [])]
                     cell = Cell(path, sets, resolve(apply_overrides(raw, sets), schemas(classes)))
@@ -143,6 +159,59 @@ def unlabeled_ratio(cell: Cell, classes: dict[str, type]) -> str:
     if not any(hasattr(p, "ssl_unlabeled_loss") and getattr(p, "uses_unlabeled", True) for p in plugins):
         return "-"
     return f"{c.data.unlabeled_batch_size / c.data.batch_size:g}"
+
+
+def seed_major(cells: list[Cell], labels: list[int], seeds: list[int]) -> list[Cell]:
+    """Cells ordered seed by seed, then by label count in the given order (stable within)."""
+    return sorted(cells, key=lambda c: (seeds.index(c.config.seed), labels.index(c.config.data.num_labeled)))
+
+
+def run_parallel(cells: list[Cell], root: Path, jobs: int, on_done, launcher: list[str] = ()) -> bool:
+    """Train `cells` as `ssltrain train` processes, `jobs` at a time (each behind the `launcher` command
+    prefix, if any), calling `on_done(cell, summary or None)` as each ends (in any order). Returns False when SIGINT/SIGTERM stopped the matrix: the
+    running cells got the signal and wrote checkpoints; cells not started were left."""
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        stop["requested"] = True
+
+    old = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    pending, running = list(cells), {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not stop["requested"]:
+                cell = pending.pop(0)
+                run_dir = cell.run_dir(root)
+                if (run_dir / "summary.json").exists():
+                    on_done(cell, json.loads((run_dir / "summary.json").read_text()))
+                    continue
+                resume = (run_dir / "checkpoints" / "last.pt").exists()
+                print(f"[benchmark] {'resuming' if resume else 'running'}: {cell.command(root)}", flush=True)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "train.log", "a") as log:
+                    argv = [*launcher, sys.executable, "-m", "ssltrain", *cell.argv(root), *(["--resume"] if resume else [])]
+                    running[subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)] = cell
+            if stop["requested"]:
+                for proc in running:
+                    proc.send_signal(signal.SIGTERM)  # each cell finishes its step and writes a checkpoint
+                for proc in running:
+                    proc.wait()
+            for proc in [p for p in running if p.poll() is not None]:
+                cell = running.pop(proc)
+                summary_path = cell.run_dir(root) / "summary.json"
+                if summary_path.exists():
+                    on_done(cell, json.loads(summary_path.read_text()))
+                elif not stop["requested"]:
+                    print(f"[benchmark] FAILED {summary_path.parent.name} (exit {proc.returncode}): see "
+                          f"{summary_path.parent / 'train.log'}", file=sys.stderr, flush=True)
+                    on_done(cell, None)
+            if stop["requested"]:
+                return False
+            time.sleep(0.2)
+        return True
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def row_of(cell: Cell, summary: dict | None, metrics: list[str] = (), u_ratio: str = "-") -> dict:
@@ -323,12 +392,23 @@ def write_cost_report(rows: list[dict], total_hours: float, out: Path, name: str
     return text
 
 
+def seeds_at_label(text: str) -> tuple[int, list[int]]:
+    """'40=0,1' -> (40, [0, 1]): the argument of --seeds-at."""
+    try:
+        labels, seeds = text.split("=")
+        return int(labels), [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABELS=SEED,SEED,... e.g. 40=0,1") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="+", help="YAML configs of the methods (the baseline is derived from each)")
     p.add_argument("--labels", type=int, nargs="+", required=True, help="values of data.num_labeled")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="values of seed (split and initialisation)")
+    p.add_argument("--seeds-at", action="append", default=[], metavar="LABELS=SEEDS", type=seeds_at_label,
+                   help="other seeds at one label count, e.g. --seeds 0 1 2 --seeds-at 40=0,1 (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
     p.add_argument("--name", default="benchmark", help="report file name (without extension)")
     p.add_argument("--out", default="results", help="folder of the report (Markdown and CSV)")
@@ -338,10 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost", type=int, metavar="STEPS",
                    help="instead of running the matrix, time every method for STEPS steps and project its CPU time")
     p.add_argument("--cost-rounds", type=int, default=1, metavar="R", help="--cost: rounds of timings (medians)")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at a time, each in its own process")
+    p.add_argument("--launcher", default="", metavar="CMD",
+                   help="--jobs: command prefix of every cell's process, e.g. a CPU-slot wrapper or 'nice -n 10'")
     args = p.parse_args(argv)
     classes = discover()
     try:
-        cells = build_cells(args.configs, args.labels, args.seeds, args.set, classes)
+        cells = build_cells(args.configs, args.labels, args.seeds, args.set, classes, dict(args.seeds_at))
     except SSLTrainError as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2
@@ -351,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(write_cost_report(rows, total, Path(args.out), args.name, invocation, args.cost, args.cost_rounds))
         return 0
     root = Path(args.runs)
+    if args.jobs > 1:
+        return run_matrix_parallel(cells, root, args, invocation, classes)
     rows, commands = [], []
     for i, cell in enumerate(cells):
         print(f"[benchmark] cell {i + 1}/{len(cells)}: {cell.run_dir(root).name}", flush=True)
@@ -363,6 +448,24 @@ def main(argv: list[str] | None = None) -> int:
         commands.append(cell.command(root))
         write_report(rows, commands, Path(args.out), args.name, invocation)  # partial tables as cells finish
     return 0 if all(r["test_top1"] is not None for r in rows) else 1
+
+
+def run_matrix_parallel(cells: list[Cell], root: Path, args, invocation: str, classes: dict[str, type]) -> int:
+    """--jobs N: the matrix seed-major in N processes; tables (in the matrix's order) rewritten as cells end."""
+    done: dict[int, dict | None] = {}
+
+    def on_done(cell: Cell, summary: dict | None) -> None:
+        done[id(cell)] = summary
+        print(f"[benchmark] {len(done)}/{len(cells)} cells done: {cell.run_dir(root).name}", flush=True)
+        finished = [c for c in cells if id(c) in done]
+        write_report([row_of(c, done[id(c)], args.metric, unlabeled_ratio(c, classes)) for c in finished], [c.command(root) for c in finished],
+                     Path(args.out), args.name, invocation)
+
+    seeds = list(dict.fromkeys([*args.seeds, *(s for _, more in args.seeds_at for s in more)]))
+    if not run_parallel(seed_major(cells, args.labels, seeds), root, args.jobs, on_done, shlex.split(args.launcher)):
+        print("[benchmark] stopped by signal; run the same command again to resume the matrix", file=sys.stderr)
+        return 130
+    return 0 if all(s is not None for s in done.values()) else 1
 
 
 if __name__ == "__main__":

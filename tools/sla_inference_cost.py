@@ -3,6 +3,7 @@ configs/sla_fashion_mnist.yaml builds (batches of 256, eval mode, 1 thread, medi
 
     python tools/sla_inference_cost.py
 """
+import argparse
 import statistics
 import tempfile
 import time
@@ -16,6 +17,7 @@ from ssltrain_plugins.sla import predict_scores
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(1)
     config = load_config("configs/sla_fashion_mnist.yaml", [], discover())
     trainer = Trainer(config, tempfile.mkdtemp())
