@@ -401,8 +401,8 @@ def seeds_at_label(text: str) -> tuple[int, list[int]]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABELS=SEED,SEED,... e.g. 40=0,1") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def arguments() -> argparse.ArgumentParser:
+    """The command line of the harness."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="+", help="YAML configs of the methods (the baseline is derived from each)")
     p.add_argument("--labels", type=int, nargs="+", required=True, help="values of data.num_labeled")
@@ -421,7 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="cells trained at a time, each in its own process")
     p.add_argument("--launcher", default="", metavar="CMD",
                    help="--jobs: command prefix of every cell's process, e.g. a CPU-slot wrapper or 'nice -n 10'")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = arguments().parse_args(argv)
     classes = discover()
     try:
         cells = build_cells(args.configs, args.labels, args.seeds, args.set, classes, dict(args.seeds_at))
