@@ -185,7 +185,62 @@ class DistributionAlignment:
 
 # --- the plugin ----------------------------------------------------------------------------------
 
-class MixMatch(SSLPlugin):
+def guess_descriptions(plugin: str) -> dict[str, str]:
+    """TensorBoard descriptions of `guess_diagnostics`' values, under `plugin`/."""
+    return {f"{plugin}/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened "
+                                       "guess) is the hidden true label, in % (rows of unknown class excluded).",
+            f"{plugin}/guess_max": "Mean over the unlabeled batch of the sharpened guess's largest probability, in "
+                                   "[0, 1].",
+            f"{plugin}/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a "
+                                               "class never guessed."}
+
+
+def guess_diagnostics(plugin: str, q: Tensor, hidden: Tensor) -> dict[str, Tensor]:
+    """The values `guess_descriptions` describes, from guesses q [B_u, C] and the hidden labels [B_u] (-1 unknown)."""
+    seen = hidden >= 0
+    hits = (q.argmax(-1) == hidden) & seen
+    return {f"{plugin}/guess_acc_pct": 100 * hits.sum() / seen.sum().clamp(min=1),
+            f"{plugin}/guess_max": q.max(-1).values.mean(),
+            f"{plugin}/guess_min_class_share": q.mean(0).min() * q.shape[1]}
+
+
+class GuessAndMixConfig(Section):
+    """Settings MixMatch and ReMixMatch share."""
+    T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
+    alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
+    bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
+                                                     "(official, chunked forwards) or concat (one forward)")
+    alignment_momentum: float = Field(0.99, ge=0, lt=1, description="Running mean of p_model (ReMixMatch: a "
+                                                                    "128-batch window)")
+
+
+class GuessAndMix(SSLPlugin):
+    """What MixMatch and ReMixMatch share: distribution alignment (`self.alignment`, in checkpoints), the
+    interleaved forward of `bn_mode` and the guess diagnostics (`self.diagnostics`)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.diagnostics: dict[str, Tensor] = {}  # at log steps: guess_diagnostics
+        self.alignment = DistributionAlignment(self.config.alignment_momentum)
+
+    @hookimpl
+    def ssl_state_dict(self, state):
+        saved = self.alignment.state_dict()
+        if saved is not None:
+            state[self.name] = saved
+
+    @hookimpl
+    def ssl_load_state_dict(self, state):
+        self.alignment.load_state_dict(state.get(self.name))
+
+    @hookimpl
+    def ssl_forward(self, batch, forward):
+        if self.config.bn_mode == "concat" or batch.x_u.shape[0] == 0:
+            return None  # the core default: one forward over cat(x_l, x_u)
+        return interleaved_forward(forward, batch.x_l, batch.x_u)
+
+
+class MixMatch(GuessAndMix):
     """Label guessing + MixUp in `ssl_modify_batch`, the interleaved forward in `ssl_forward`,
     and the "mixmatch/l2" unlabeled term. Defaults are the official CIFAR-10 values."""
 
@@ -193,31 +248,16 @@ class MixMatch(SSLPlugin):
                            "N-class targets"}
     descriptions = {
         "mixmatch/l2": "lambda_u * ramp * mean over the K*B mixed unlabeled rows of (1/C)||softmax - target||^2.",
-        "mixmatch/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened guess) "
-                                  "is the hidden true label, in % (rows of unknown class excluded).",
-        "mixmatch/guess_max": "Mean over the unlabeled batch of the sharpened guess's largest probability, in [0, 1].",
-        "mixmatch/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a class "
-                                          "never guessed.",
+        **guess_descriptions("mixmatch"),
         "mixmatch/lambda_u": "The weight of mixmatch/l2 at this step (lambda_u after the linear ramp-up).",
     }
 
-    class Config(Section):
+    class Config(GuessAndMixConfig):
         K: int = Field(2, ge=1, description="Augmented views per unlabeled sample")
-        T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
-        alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
         lambda_u: float = Field(75.0, ge=0, description="Weight of the L2 term after the ramp-up")
         rampup_steps: int = Field(16384, ge=0, description="Linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)")
-        bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
-                                                         "(official, chunked forwards) or concat (one forward)")
         distribution_alignment: bool = Field(False, description="ReMixMatch's alignment of the guesses (not in "
                                                                 "MixMatch)")
-        alignment_momentum: float = Field(0.99, ge=0, lt=1, description="Running mean of p_model (ReMixMatch: 128 "
-                                                                        "batches)")
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.diagnostics: dict[str, Tensor] = {}  # at log steps: the descriptions' guess_* values
-        self.alignment = DistributionAlignment(self.config.alignment_momentum)
 
     @property
     def p_model(self) -> Tensor | None:
@@ -263,28 +303,7 @@ class MixMatch(SSLPlugin):
         batch.extras["mixmatch/views"] = torch.cat(views)  # un-mixed views, view-major [K*B_u, ...]
         batch.extras["mixmatch/pseudo_labels"] = q  # sharpened guesses [B_u, C] of raw_u (TensorBoard shows them)
         if ctx.is_log_step:
-            seen = batch.y_u_hidden[: q.shape[0]] >= 0
-            hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
-            self.diagnostics = {"mixmatch/guess_acc_pct": 100 * hits.sum() / seen.sum().clamp(min=1),
-                                "mixmatch/guess_max": q.max(-1).values.mean(),
-                                # C * the smallest class share of the guesses: 1 balanced, 0 a class never guessed
-                                "mixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        saved = self.alignment.state_dict()
-        if saved is not None:
-            state[self.name] = saved
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        self.alignment.load_state_dict(state.get(self.name))
-
-    @hookimpl
-    def ssl_forward(self, batch, forward):
-        if self.config.bn_mode == "concat" or batch.x_u.shape[0] == 0:
-            return None  # the core default: one forward over cat(x_l, x_u)
-        return interleaved_forward(forward, batch.x_l, batch.x_u)
+            self.diagnostics = guess_diagnostics("mixmatch", q, batch.y_u_hidden[: q.shape[0]])
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):

@@ -54,16 +54,14 @@ labels the official runs use K = 1, w_rot = 2 and a 8192-kimg warm-up (runs/ssl/
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssltrain import ConfigError, LossTerm, SSLPlugin, Section, hookimpl, linear_rampup
-from ssltrain_plugins.mixmatch import (DistributionAlignment, check_temperature, interleaved_forward, mix_into_batch,
-                                       one_hot_targets, sharpen)
+from ssltrain import ConfigError, LossTerm, hookimpl, linear_rampup
+from ssltrain_plugins.mixmatch import (GuessAndMix, GuessAndMixConfig, check_temperature, guess_descriptions,
+                                       guess_diagnostics, mix_into_batch, one_hot_targets, sharpen)
 
 
 # --- the math: pure functions ------------------------------------------------------------------
@@ -104,7 +102,7 @@ class RotationHead(nn.Module):
 
 # --- the plugin ----------------------------------------------------------------------------------
 
-class ReMixMatch(SSLPlugin):
+class ReMixMatch(GuessAndMix):
     """Anchored label guessing and MixUp in `ssl_modify_batch`, the interleaved forward, the "remixmatch/mixed",
     "remixmatch/pre_mixup" and "remixmatch/rotation" terms, and the rotation head."""
 
@@ -118,34 +116,19 @@ class ReMixMatch(SSLPlugin):
         "remixmatch/pre_mixup": "w_kl * ramp * mean over the unlabeled rows of the cross-entropy of one un-mixed "
                                 "strong view to the guess.",
         "remixmatch/rotation": "w_rot * mean cross-entropy of the rotation head on one rotated strong view.",
-        "remixmatch/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened, "
-                                    "aligned guess) is the hidden true label, in % (rows of unknown class excluded).",
-        "remixmatch/guess_max": "Mean over the unlabeled batch of the guess's largest probability, in [0, 1].",
-        "remixmatch/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a class "
-                                            "never guessed.",
+        **guess_descriptions("remixmatch"),
         "remixmatch/w_match": "The weight of remixmatch/mixed at this step (w_match after the linear ramp-up).",
     }
 
-    class Config(Section):
+    class Config(GuessAndMixConfig):
         K: int = Field(8, ge=1, description="Strong views per unlabeled row (besides the weak anchor)")
-        T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
-        alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
         w_match: float = Field(1.5, ge=0, description="Weight of the mixed unlabeled cross-entropy after the ramp")
         w_kl: float = Field(0.5, ge=0, description="Weight of the pre-mixup cross-entropy after the ramp")
         w_rot: float = Field(0.5, ge=0, description="Weight of the rotation loss (not ramped); 0: no rotation head")
         rampup_steps: int = Field(16384, ge=0, description="Linear ramp of w_match and w_kl (1024 kimg at batch 64)")
         distribution_alignment: bool = Field(True, description="Align the guesses to the labeled class marginals "
                                                                "(official use_dm)")
-        alignment_momentum: float = Field(0.99, ge=0, lt=1, description="EMA of p_model (official: a 128-batch "
-                                                                        "window)")
         strong_labeled: bool = Field(True, description="The labeled rows get the strong augmentation (official)")
-        bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
-                                                         "(official, chunked forwards) or concat (one forward)")
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.alignment = DistributionAlignment(self.config.alignment_momentum)
-        self.diagnostics: dict[str, Tensor] = {}  # at log steps: the descriptions' guess_* values
 
     def describe(self) -> str:
         c = self.config
@@ -193,16 +176,7 @@ class ReMixMatch(SSLPlugin):
         if cfg.w_rot > 0:
             batch.extras["remixmatch/rotated"], batch.extras["remixmatch/rotation_labels"] = rotate_quarters(strong[0])
         if ctx.is_log_step:
-            seen = hidden >= 0
-            self.diagnostics = {"remixmatch/guess_acc_pct": 100 * ((q.argmax(-1) == hidden) & seen).sum() / seen.sum().clamp(min=1),
-                                "remixmatch/guess_max": q.max(-1).values.mean(),
-                                "remixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
-
-    @hookimpl
-    def ssl_forward(self, batch, forward):
-        if self.config.bn_mode == "concat" or batch.x_u.shape[0] == 0:
-            return None  # the core default: one forward over cat(x_l, x_u)
-        return interleaved_forward(forward, batch.x_l, batch.x_u)
+            self.diagnostics = guess_diagnostics("remixmatch", q, hidden)
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx, forward):
@@ -225,13 +199,3 @@ class ReMixMatch(SSLPlugin):
     def ssl_metrics(self, ctx):
         ramp = linear_rampup(ctx.step, self.config.rampup_steps)
         return {**self.diagnostics, "remixmatch/w_match": self.config.w_match * ramp}
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        saved = self.alignment.state_dict()
-        if saved is not None:
-            state[self.name] = saved
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        self.alignment.load_state_dict(state.get(self.name))
