@@ -47,6 +47,15 @@ def min_temperature(num_classes: int) -> float:
     return math.log(num_classes) / -math.log(torch.finfo(torch.float32).tiny)
 
 
+def check_temperature(key: str, temperature: float, num_classes: int) -> None:
+    """A ConfigError naming `key` when `temperature` is below `min_temperature(num_classes)`."""
+    bound = min_temperature(num_classes)
+    if temperature < bound:
+        raise ConfigError(f"{key}={temperature:g} is below {bound:.4g} = ln(C) / 87.3 for C = {num_classes} "
+                          f"classes: sharpening raises probabilities to 1/T in float32, where every guess would "
+                          f"underflow to 0/0; use {key} >= {bound:.4g} (official: 0.5)")
+
+
 def guess_labels(probs: list[Tensor], T: float) -> Tensor:
     """q = Sharpen(mean_k probs[k], T), detached: one target [B, C] shared by the K views."""
     return sharpen(torch.stack(probs).mean(0), T).detach()
@@ -105,9 +114,133 @@ def l2_per_row(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.float().softmax(-1) - targets).pow(2).mean(-1)
 
 
+def mix_into_batch(batch, x_l: Tensor, y_l: Tensor, views: list[Tensor], q: Tensor, alpha: float) -> None:
+    """MixUp of one pool: the labeled rows x_l (targets y_l [B, C]) and the unlabeled views (each
+    [B_u, ...], all with the target q [B_u, C]), each row mixed with a random row of the pool
+    (`mix_weights`, `mixup`). Writes the mixed labeled rows to batch.x_l/y_l and the mixed views,
+    view-major, to batch.x_u/y_u, and tiles y_u_hidden and idx_u to stay row-aligned."""
+    x_all, p_all = torch.cat([x_l, *views]), torch.cat([y_l, q.repeat(len(views), 1)])
+    n, b = x_all.shape[0], x_l.shape[0]
+    x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, alpha, x_all.device), torch.randperm(n, device=x_all.device))
+    batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
+    batch.x_u, batch.y_u = x_mix[b:], p_mix[b:]
+    batch.y_u_hidden = batch.y_u_hidden.repeat(len(views))
+    batch.idx_u = batch.idx_u.repeat(len(views))
+
+
+def interleaved_forward(forward, x_l: Tensor, x_u: Tensor) -> Outputs:
+    """The official batch-norm handling of MixMatch and ReMixMatch: forwards of B = len(x_l) rows each,
+    rows swapped between them (`interleave`) so that every forward sees labeled rows; only the first
+    forward updates the running statistics. len(x_u) must be a multiple of B."""
+    b, n_u = x_l.shape[0], x_u.shape[0]
+    if n_u % b:
+        raise PluginContractError(f"interleaved forward: {n_u} unlabeled rows are not a multiple of the {b} labeled "
+                                  f"rows (did another plugin change the batch?); use bn_mode=concat")
+    chunks = interleave([x_l, *x_u.split(b)], b)
+    outs = [forward(c, update_bn=i == 0) for i, c in enumerate(chunks)]
+    merged = {k: interleave([o[k] for o in outs], b) for k in outs[0]}
+    logits = merged.pop("logits")
+    return Outputs(logits_l=logits[0], logits_u=torch.cat(logits[1:]),
+                   extras_l={k: v[0] for k, v in merged.items()},
+                   extras_u={k: torch.cat(v[1:]) for k, v in merged.items()})
+
+
+def one_hot_targets(y: Tensor, num_classes: int) -> Tensor:
+    """Int labels [B] -> float one-hot [B, C]; soft targets [B, C] are returned as float."""
+    return (y if y.dim() == 2 else torch.nn.functional.one_hot(y, num_classes)).float()
+
+
+class DistributionAlignment:
+    """ReMixMatch's distribution alignment with its running marginals (Berthelot et al. 2020).
+
+    `__call__(probs, y_l)` aligns a batch of predictions [B, C] with `align_distribution`, where
+    p_model is a running mean (EMA, `momentum`) of the batch-mean predictions and p_target the class
+    marginal of every labeled row seen so far, then folds the batch into both estimates. The marginals
+    live on the device and are averaged over processes (every rank keeps the same state); they are
+    checkpointed through `state_dict` / `load_state_dict`."""
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.p_model: Tensor | None = None  # running mean of the unlabeled predictions, [C]
+        self.label_counts: Tensor | None = None  # labeled rows seen per class, [C]
+
+    def __call__(self, probs: Tensor, y_l: Tensor) -> Tensor:
+        if self.p_model is None:
+            self.p_model = torch.full_like(probs[0], 1.0 / probs.shape[1])
+            self.label_counts = torch.zeros_like(probs[0])
+        self.p_model, self.label_counts = self.p_model.to(probs.device), self.label_counts.to(probs.device)
+        labels, guesses = all_reduce_mean(torch.stack([y_l.sum(0), probs.mean(0)]))  # one collective
+        self.label_counts += labels
+        aligned = align_distribution(probs, self.p_model, self.label_counts / self.label_counts.sum())
+        self.p_model.lerp_(guesses, 1 - self.momentum)
+        return aligned
+
+    def state_dict(self) -> dict | None:
+        return None if self.p_model is None else {"p_model": self.p_model, "label_counts": self.label_counts}
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        if saved is not None:
+            self.p_model, self.label_counts = saved["p_model"].clone(), saved["label_counts"].clone()
+
+
 # --- the plugin ----------------------------------------------------------------------------------
 
-class MixMatch(SSLPlugin):
+def guess_descriptions(plugin: str) -> dict[str, str]:
+    """TensorBoard descriptions of `guess_diagnostics`' values, under `plugin`/."""
+    return {f"{plugin}/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened "
+                                       "guess) is the hidden true label, in % (rows of unknown class excluded).",
+            f"{plugin}/guess_max": "Mean over the unlabeled batch of the sharpened guess's largest probability, in "
+                                   "[0, 1].",
+            f"{plugin}/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a "
+                                               "class never guessed."}
+
+
+def guess_diagnostics(plugin: str, q: Tensor, hidden: Tensor) -> dict[str, Tensor]:
+    """The values `guess_descriptions` describes, from guesses q [B_u, C] and the hidden labels [B_u] (-1 unknown)."""
+    seen = hidden >= 0
+    hits = (q.argmax(-1) == hidden) & seen
+    return {f"{plugin}/guess_acc_pct": 100 * hits.sum() / seen.sum().clamp(min=1),
+            f"{plugin}/guess_max": q.max(-1).values.mean(),
+            f"{plugin}/guess_min_class_share": q.mean(0).min() * q.shape[1]}
+
+
+class GuessAndMixConfig(Section):
+    """Settings MixMatch and ReMixMatch share."""
+    T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
+    alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
+    bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
+                                                     "(official, chunked forwards) or concat (one forward)")
+    alignment_momentum: float = Field(0.99, ge=0, lt=1, description="Running mean of p_model (ReMixMatch: a "
+                                                                    "128-batch window)")
+
+
+class GuessAndMix(SSLPlugin):
+    """What MixMatch and ReMixMatch share: distribution alignment (`self.alignment`, in checkpoints), the
+    interleaved forward of `bn_mode` and the guess diagnostics (`self.diagnostics`)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.diagnostics: dict[str, Tensor] = {}  # at log steps: guess_diagnostics
+        self.alignment = DistributionAlignment(self.config.alignment_momentum)
+
+    @hookimpl
+    def ssl_state_dict(self, state):
+        saved = self.alignment.state_dict()
+        if saved is not None:
+            state[self.name] = saved
+
+    @hookimpl
+    def ssl_load_state_dict(self, state):
+        self.alignment.load_state_dict(state.get(self.name))
+
+    @hookimpl
+    def ssl_forward(self, batch, forward):
+        if self.config.bn_mode == "concat" or batch.x_u.shape[0] == 0:
+            return None  # the core default: one forward over cat(x_l, x_u)
+        return interleaved_forward(forward, batch.x_l, batch.x_u)
+
+
+class MixMatch(GuessAndMix):
     """Label guessing + MixUp in `ssl_modify_batch`, the interleaved forward in `ssl_forward`,
     and the "mixmatch/l2" unlabeled term. Defaults are the official CIFAR-10 values."""
 
@@ -115,32 +248,24 @@ class MixMatch(SSLPlugin):
                            "N-class targets"}
     descriptions = {
         "mixmatch/l2": "lambda_u * ramp * mean over the K*B mixed unlabeled rows of (1/C)||softmax - target||^2.",
-        "mixmatch/guess_acc_pct": "Share of the unlabeled batch whose guessed class (argmax of the sharpened guess) "
-                                  "is the hidden true label, in % (rows of unknown class excluded).",
-        "mixmatch/guess_max": "Mean over the unlabeled batch of the sharpened guess's largest probability, in [0, 1].",
-        "mixmatch/guess_min_class_share": "C times the smallest class share of the guesses: 1 balanced, 0 a class "
-                                          "never guessed.",
+        **guess_descriptions("mixmatch"),
         "mixmatch/lambda_u": "The weight of mixmatch/l2 at this step (lambda_u after the linear ramp-up).",
     }
 
-    class Config(Section):
+    class Config(GuessAndMixConfig):
         K: int = Field(2, ge=1, description="Augmented views per unlabeled sample")
-        T: float = Field(0.5, gt=0, le=1, description="Sharpening temperature")
-        alpha: float = Field(0.75, gt=0, description="Beta(alpha, alpha) of MixUp")
         lambda_u: float = Field(75.0, ge=0, description="Weight of the L2 term after the ramp-up")
         rampup_steps: int = Field(16384, ge=0, description="Linear ramp of lambda_u (16384 steps = 1024 kimg at B=64)")
-        bn_mode: Literal["interleave", "concat"] = Field("interleave", description="Batch norm: interleave "
-                                                         "(official, chunked forwards) or concat (one forward)")
         distribution_alignment: bool = Field(False, description="ReMixMatch's alignment of the guesses (not in "
                                                                 "MixMatch)")
-        alignment_momentum: float = Field(0.99, ge=0, lt=1, description="Running mean of p_model (ReMixMatch: 128 "
-                                                                        "batches)")
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.diagnostics: dict[str, Tensor] = {}  # at log steps: the descriptions' guess_* values
-        self.p_model: Tensor | None = None  # running mean of unlabeled predictions, [C]
-        self.label_counts: Tensor | None = None  # labeled rows seen per class, [C]
+    @property
+    def p_model(self) -> Tensor | None:
+        return self.alignment.p_model
+
+    @property
+    def label_counts(self) -> Tensor | None:
+        return self.alignment.label_counts
 
     def describe(self) -> str:
         c = self.config
@@ -161,81 +286,24 @@ class MixMatch(SSLPlugin):
 
     @hookimpl(wrapper=True)
     def ssl_build_model(self, num_classes):
-        bound = min_temperature(num_classes)
-        if self.config.T < bound:
-            raise ConfigError(f"mixmatch.T={self.config.T:g} is below {bound:.4g} = ln(C) / 87.3 for C = {num_classes} "
-                              f"classes: sharpening raises probabilities to 1/T in float32, where every guess would "
-                              f"underflow to 0/0; use mixmatch.T >= {bound:.4g} (official: 0.5)")
+        check_temperature("mixmatch.T", self.config.T, num_classes)
         return (yield)
 
     @hookimpl
     def ssl_modify_batch(self, batch, ctx):
         cfg = self.config
-        b = batch.x_l.shape[0]
         views = [ctx.augment(batch.raw_u, "weak") for _ in range(cfg.K)]
         with torch.no_grad():  # the official code drops the guessing forwards' BN updates
             probs = [ctx.predict(v, update_bn=False).float().softmax(-1) for v in views]
-        y_l = batch.y_l if batch.y_l.dim() == 2 else torch.nn.functional.one_hot(batch.y_l, ctx.num_classes)
-        y_l = y_l.float()
+        y_l = one_hot_targets(batch.y_l, ctx.num_classes)
         if cfg.distribution_alignment:
-            probs = [self._aligned(torch.stack(probs).mean(0), y_l)]
+            probs = [self.alignment(torch.stack(probs).mean(0), y_l)]
         q = guess_labels(probs, cfg.T)
-        x_all, p_all = torch.cat([batch.x_l, *views]), torch.cat([y_l, q.repeat(cfg.K, 1)])
-        n = x_all.shape[0]
-        x_mix, p_mix = mixup(x_all, p_all, mix_weights(n, cfg.alpha, x_all.device), torch.randperm(n, device=x_all.device))
-        batch.x_l, batch.y_l = x_mix[:b], p_mix[:b]
-        batch.x_u, batch.y_u = x_mix[b:], p_mix[b:]
-        batch.y_u_hidden = batch.y_u_hidden.repeat(cfg.K)
-        batch.idx_u = batch.idx_u.repeat(cfg.K)
+        mix_into_batch(batch, batch.x_l, y_l, views, q, cfg.alpha)
         batch.extras["mixmatch/views"] = torch.cat(views)  # un-mixed views, view-major [K*B_u, ...]
         batch.extras["mixmatch/pseudo_labels"] = q  # sharpened guesses [B_u, C] of raw_u (TensorBoard shows them)
         if ctx.is_log_step:
-            seen = batch.y_u_hidden[: q.shape[0]] >= 0
-            hits = (q.argmax(-1) == batch.y_u_hidden[: q.shape[0]]) & seen
-            self.diagnostics = {"mixmatch/guess_acc_pct": 100 * hits.sum() / seen.sum().clamp(min=1),
-                                "mixmatch/guess_max": q.max(-1).values.mean(),
-                                # C * the smallest class share of the guesses: 1 balanced, 0 a class never guessed
-                                "mixmatch/guess_min_class_share": q.mean(0).min() * q.shape[1]}
-
-    def _aligned(self, q_mean: Tensor, y_l: Tensor) -> Tensor:
-        """Align this batch's mean guesses [B, C], then fold the batch into the running marginals (on device,
-        averaged over processes: every rank keeps the same state)."""
-        if self.p_model is None:
-            self.p_model = torch.full_like(q_mean[0], 1.0 / q_mean.shape[1])
-            self.label_counts = torch.zeros_like(q_mean[0])
-        self.p_model, self.label_counts = self.p_model.to(q_mean.device), self.label_counts.to(q_mean.device)
-        labels, guesses = all_reduce_mean(torch.stack([y_l.sum(0), q_mean.mean(0)]))  # one collective
-        self.label_counts += labels
-        aligned = align_distribution(q_mean, self.p_model, self.label_counts / self.label_counts.sum())
-        self.p_model.lerp_(guesses, 1 - self.config.alignment_momentum)
-        return aligned
-
-    @hookimpl
-    def ssl_state_dict(self, state):
-        if self.p_model is not None:
-            state[self.name] = {"p_model": self.p_model, "label_counts": self.label_counts}
-
-    @hookimpl
-    def ssl_load_state_dict(self, state):
-        saved = state.get(self.name)
-        if saved is not None:
-            self.p_model, self.label_counts = saved["p_model"].clone(), saved["label_counts"].clone()
-
-    @hookimpl
-    def ssl_forward(self, batch, forward):
-        b, n_u = batch.x_l.shape[0], batch.x_u.shape[0]
-        if self.config.bn_mode == "concat" or n_u == 0:
-            return None  # the core default: one forward over cat(x_l, x_u)
-        if n_u % b:
-            raise PluginContractError(f"mixmatch interleave: {n_u} unlabeled rows are not a multiple of the {b} "
-                                      f"labeled rows (did another plugin change the batch?); use mixmatch.bn_mode=concat")
-        chunks = interleave([batch.x_l, *batch.x_u.split(b)], b)
-        outs = [forward(c, update_bn=i == 0) for i, c in enumerate(chunks)]
-        merged = {k: interleave([o[k] for o in outs], b) for k in outs[0]}
-        logits = merged.pop("logits")
-        return Outputs(logits_l=logits[0], logits_u=torch.cat(logits[1:]),
-                       extras_l={k: v[0] for k, v in merged.items()},
-                       extras_u={k: torch.cat(v[1:]) for k, v in merged.items()})
+            self.diagnostics = guess_diagnostics("mixmatch", q, batch.y_u_hidden[: q.shape[0]])
 
     @hookimpl
     def ssl_unlabeled_loss(self, outputs, batch, ctx):

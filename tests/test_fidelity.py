@@ -24,11 +24,16 @@ IMAGES = ("data.name=synthetic", "data.options={n_train: 64, n_test: 8, shape: [
 
 def step_loss(*overrides: str, plugins: list[str], step: int = 0):
     """The closure result of `step` of a tiny run, with its batch."""
+    return trainer_step(*overrides, plugins=plugins, step=step)[1:]
+
+
+def trainer_step(*overrides: str, plugins: list[str], step: int = 0):
+    """(trainer, closure result, batch) of `step` of a tiny run."""
     trainer = Trainer(make_config(*overrides, plugins=plugins), "unused")
     torch.manual_seed(0)
     ctx, batch = trainer.context(step), trainer.draw(step)
     trainer.hook.ssl_modify_batch(batch=batch, ctx=ctx)
-    return trainer.make_closure(batch, ctx)(), batch
+    return trainer, trainer.make_closure(batch, ctx)(), batch
 
 
 def term(loss, name: str) -> torch.Tensor:
@@ -144,3 +149,30 @@ def test_sla_sd_matches_its_official_loss():
     official = (F.cross_entropy(joint, batch.y_l) + F.cross_entropy(single, labels)
                 + F.kl_div(F.log_softmax(single / t, 1), F.softmax(agg / t, 1), reduction="batchmean") * t * t)
     torch.testing.assert_close(loss.total.detach(), official)
+
+
+def test_mean_teacher_matches_its_official_whole_batch_average():
+    """CuriousAI/mean-teacher pytorch/main.py:254, 263 and losses.py:15-27: (1/N) sum_l CE + w (1/N) sum over all N
+    rows of the softmax MSE summed over classes / C, N = B_l + B_u; ours is that times N / B_l."""
+    loss, batch = step_loss("mean_teacher.rampup_steps=0", "mean_teacher.consistency=7", plugins=["mean_teacher"])
+    out = loss.outputs
+    student = torch.cat([out.logits_l, out.logits_u]).detach().float()
+    teacher = torch.cat([batch.extras["mean_teacher/targets_l"], batch.extras["mean_teacher/targets_u"]])
+    mse = F.mse_loss(student.softmax(1), teacher.softmax(1), reduction="sum") / student.shape[1]
+    torch.testing.assert_close(loss.total.detach(), whole_batch_official(loss, batch, 7 * mse))
+
+
+def test_remixmatch_matches_its_official_sum_of_means():
+    """google-research/remixmatch remixmatch_no_cta.py:160-163: loss_xe + w_kl * loss_kl + w_match * loss_xeu +
+    w_rot * loss_rot, each a mean over its own rows (no conversion)."""
+    trainer, loss, batch = trainer_step(*IMAGES, "remixmatch.K=2", "remixmatch.rampup_steps=0", "remixmatch.w_kl=0.3",
+                                        "remixmatch.w_match=2.0", "remixmatch.w_rot=0.7", plugins=["remixmatch"])
+    out, q, forward = loss.outputs, batch.extras["remixmatch/pseudo_labels"], trainer.forward_fn()
+    with torch.no_grad():  # the same forwards as the closure's (batch statistics, no update)
+        strong = forward(batch.extras["remixmatch/strong"], update_bn=False)["logits"]
+        rotation = forward(batch.extras["remixmatch/rotated"], update_bn=False)["rotation"]
+    official = (-(batch.y_l * out.logits_l.float().log_softmax(-1)).sum(-1).mean()
+                + 0.3 * -(q * strong.float().log_softmax(-1)).sum(-1).mean()
+                + 2.0 * -(batch.y_u * out.logits_u.float().log_softmax(-1)).sum(-1).mean()
+                + 0.7 * F.cross_entropy(rotation.float(), batch.extras["remixmatch/rotation_labels"]))
+    torch.testing.assert_close(loss.total.detach(), official.detach())

@@ -109,6 +109,8 @@ def test_mixmatch_temperature_that_underflows_the_guess_is_a_startup_error():
     assert torch.isfinite(sharpen(uniform, 1.01 * bound)).all() and torch.isnan(sharpen(uniform, 0.5 * bound)).all()
     with pytest.raises(ConfigError, match=r"mixmatch\.T=0\.01 is below 0\.01587 = ln\(C\) / 87\.3 for C = 4"):
         Trainer(make_config(*IMAGES, "mixmatch.T=0.01", plugins=["mixmatch"]), "unused")
+    with pytest.raises(ConfigError, match=r"remixmatch\.T=0\.01 is below 0\.01587"):  # the same sharpening
+        Trainer(make_config(*IMAGES, "remixmatch.T=0.01", plugins=["remixmatch"]), "unused")
 
 
 @pytest.mark.parametrize("override", ["vat.weight=.inf", "pi_model.weight=.nan", "mixmatch.lambda_u=.inf"])

@@ -403,8 +403,11 @@ class Check:
         self.write_report()
         argv = [sys.executable, "tools/benchmark.py", *configs, "--labels", *map(str, labels), "--seeds", *map(str, seeds),
                 "--set", f"train.steps={n_steps}", *(a for s in common for a in ("--set", s)), "--jobs", str(jobs),
-                "--name", "leaderboard", "--out", str(self.out), "--runs", str(self.runs)]
+                "--name", "leaderboard", "--out", str(self.runs), "--runs", str(self.runs)]
         rc, timed_out = self.run(argv, self.left(deadline) - grace, grace=grace)
+        for name in ("leaderboard.md", "leaderboard.csv"):  # the tables only: at most 8 files go into --out
+            if (self.runs / name).exists():
+                shutil.copyfile(self.runs / name, self.out / name)
         unfinished = [c.run_dir(self.runs).name for c in cells if not (c.run_dir(self.runs) / "summary.json").exists()]
         table = self.out / "leaderboard.md"
         means = table.read_text().split("## Mean over seeds")[-1].split("## Every run")[0].strip() if table.exists() else ""
