@@ -44,6 +44,23 @@ def test_every_config_shares_the_core_sections_and_validates():
             assert config.train.cpu_threads == 1 and config.data.name == "fashion_mnist"
 
 
+def test_the_compositions_share_the_leaderboards_core_and_fixmatch_section():
+    """configs/compositions/*.yaml add one plugin to configs/leaderboard/fixmatch.yaml and change nothing else, so
+    FixMatch alone, each composition and the supervised baseline are one matrix with one baseline."""
+    fixmatch = load_yaml(CONFIGS[0].parent / "fixmatch.yaml")
+    compositions = sorted((CONFIGS[0].parents[1] / "compositions").glob("*.yaml"))
+    assert len(compositions) >= 2
+    installed = discover()
+    for path in compositions:
+        raw = load_yaml(path)
+        added = set(raw["plugins"]) - {"fixmatch"}
+        assert raw["plugins"][0] == "fixmatch" and len(added) == 1, path.name
+        assert {k: v for k, v in raw.items() if k not in added and k != "plugins"} == \
+            {k: v for k, v in fixmatch.items() if k != "plugins"}, f"{path.name} differs from leaderboard/fixmatch.yaml"
+        if set(raw["plugins"]) <= set(installed):
+            resolve(raw, schemas(installed))
+
+
 def test_every_installed_method_is_on_the_leaderboard():
     on_board = {name for p in CONFIGS for name in load_yaml(p)["plugins"]}
     assert set(discover()) - on_board == set(EXCLUDED)
