@@ -1,7 +1,8 @@
 """Benchmark of the streamed input path (data.streaming): throughput, memory against dataset size, step time.
 
     python tools/stream_bench.py [--data /tmp/ssltrain_stream_bench] [--sizes 64 224] [--counts 2000 10000 50000]
-                                 [--device cpu] [--workers 1] [--json out.json] [--only throughput memory step]
+                                 [--device cpu] [--workers 1] [--json out.json]
+                                 [--only generate|throughput|memory|step ...]
 
 It writes its image sets under --data first (generated JPEG shapes, tools/make_image_folder.py; about 2 GB and
 10 minutes for the defaults; kept for the next run), then measures:
@@ -201,7 +202,9 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     p.add_argument("--counts", type=int, nargs="+", default=[2000, 10_000, 50_000])
     p.add_argument("--models", nargs="+", default=["small_cnn", "wrn28_2"])
-    p.add_argument("--only", nargs="+", default=["throughput", "memory", "step"])
+    p.add_argument("--only", nargs="+", default=["throughput", "memory", "step"],
+                   choices=["generate", "throughput", "memory", "step"],
+                   help="the parts to run (generate: only write the image sets)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -241,8 +244,10 @@ def main() -> int:
                       f"{row['worker_peak_rss_mib']:.0f} MiB ({row['worker_peak_private_mib']:.0f} private), tree PSS "
                       f"{row['tree_peak_pss_mib']:.0f} MiB ({row['tree_peak_pss_anon_mib']:.0f} anonymous) "
                       f"(decoded set {row['decoded_mib']:,.0f} MiB)", flush=True)
+    if {"generate", "step"} & set(args.only):
+        cifar = image_set(args.data, CIFAR["size"], args.cifar_unlabeled, CIFAR["train"], CIFAR["test"],
+                          CIFAR["classes"])
     if "step" in args.only:
-        cifar = image_set(args.data, CIFAR["size"], args.cifar_unlabeled, CIFAR["train"], CIFAR["test"], CIFAR["classes"])
         for model in args.models:
             results["step"].append(row := step_comparison(cifar, model, args))
             print(f"step {model}: resident {row['resident_step_s'] * 1e3:.1f} ms, streamed "
