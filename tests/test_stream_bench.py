@@ -16,6 +16,8 @@ def test_each_measurement_runs_on_a_tiny_set(tmp_path, monkeypatch):
     assert stream_bench.throughput(root, 16, args)["images_per_s_per_worker"] > 0
     point = stream_bench.memory_point(root, 16, 20, args)
     assert point["images"] == 4 * 3 + 20 + 4 * 2 and point["main_peak_rss_mib"] > 0
+    assert 0 < point["tree_peak_pss_anon_mib"] <= point["tree_peak_pss_mib"]
+    stream_bench.print_tables({"memory": [point, point], "throughput": [], "step": []})
     monkeypatch.setitem(stream_bench.STEP_BATCHES, "small_cnn", (4, 8))
     row = stream_bench.step_comparison(root, "small_cnn", args)
     assert row["resident_step_s"] > 0 and row["streamed_step_s"] > 0

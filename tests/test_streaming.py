@@ -197,11 +197,14 @@ def test_streamed_run_equals_resident_run(folder, tmp_path, plugins, overrides):
 
 
 def test_streamed_resume_is_exact(folder, tmp_path):
-    """Stopped at step 6 and resumed (new workers started at step 6), a run with random crops in the workers
-    ends bit-identical to an uninterrupted one: the batch of step s depends only on (seed, s)."""
-    full = folder_config(folder, "train.steps=12", "train.checkpoint_every=6", "data.stream.crop=random_resized_crop",
-                         "data.stream.crop_scale=[0.3, 1.0]", "data.stream.workers=2")
+    """Stopped at step 6 and resumed (new workers started at step 6), a streamed run with random crops in the
+    workers ends bit-identical to an uninterrupted one: the batch of step s depends only on (seed, s). The
+    Pi-model ramp has a fixed length: its default follows train.steps, which differs between the two runs."""
+    full = folder_config(folder, "train.steps=12", "train.checkpoint_every=6", "data.streaming=true",
+                         "data.stream.crop=random_resized_crop", "data.stream.crop_scale=[0.3, 1.0]",
+                         "data.stream.workers=2", "pi_model.rampup_steps=5")
     train(full, tmp_path / "full")
+    assert "image files streamed from disk" in (tmp_path / "full" / "console.log").read_text()
     half = full.model_copy(deep=True)
     half.train.steps = 6
     train(half, tmp_path / "resumed")

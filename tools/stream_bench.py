@@ -1,7 +1,8 @@
 """Benchmark of the streamed input path (data.streaming): throughput, memory against dataset size, step time.
 
     python tools/stream_bench.py [--data /tmp/ssltrain_stream_bench] [--sizes 64 224] [--counts 2000 10000 50000]
-                                 [--device cpu] [--workers 1] [--json out.json] [--only throughput memory step]
+                                 [--device cpu] [--workers 1] [--json out.json]
+                                 [--only generate|throughput|memory|step ...]
 
 It writes its image sets under --data first (generated JPEG shapes, tools/make_image_folder.py; about 2 GB and
 10 minutes for the defaults; kept for the next run), then measures:
@@ -10,9 +11,11 @@ It writes its image sets under --data first (generated JPEG shapes, tools/make_i
    second per worker: the training stream's DataLoader alone, `--workers` workers, no model.
 2. memory: for each image size and each count of unlabeled images (file lists of the first N images of one
    pool; the labeled and test sets stay the same), a fresh process trains a streamed run (small CNN, Pi-model,
-   `--memory-steps` steps, one evaluation) and reports its peak RSS (VmHWM), its workers' peak RSS, the peak
-   PSS of the process tree (sampled every 0.1 s; shared pages counted once) and, on CUDA, peak device memory.
-   Target: all of them within 10% from the smallest to the largest count.
+   `--memory-steps` steps, one evaluation) and reports its peak RSS (VmHWM), its workers' peak RSS and peak
+   private memory, the peak PSS of the process tree (sampled every 0.1 s; shared pages counted once), the
+   peak anonymous PSS of the tree (the memory the run allocates: without the shared libraries, whose PSS
+   depends on how many other processes on the machine map them) and, on CUDA, peak device memory.
+   Target: all of them within 10% from the smallest to the largest count (spread: largest / smallest - 1).
 3. step: on CIFAR-sized data (32x32 JPEGs: 4,000 labeled, 46,000 unlabeled, 1,000 test) the training step of
    the same Pi-model run held on the device and streamed, in turns (resident, streamed, resident, streamed),
    median step times over `--steps` steps after warm-up; SmallCNN with 64 + 128 rows per step (a fast step,
@@ -47,6 +50,9 @@ from ssltrain.plugins import discover  # noqa: E402
 from ssltrain.tiny import tiny_config  # noqa: E402
 
 CIFAR = {"size": 32, "train": 400, "unlabeled": 46_000, "test": 100, "classes": 10}  # per class for train/test
+MEMORY_COLUMNS = {"main_peak_rss_mib": "main peak RSS MiB", "worker_peak_rss_mib": "worker peak RSS MiB",
+                  "worker_peak_private_mib": "worker peak private MiB", "tree_peak_pss_mib": "tree peak PSS MiB",
+                  "tree_peak_pss_anon_mib": "tree peak anonymous PSS MiB"}
 STEP_BATCHES = {"small_cnn": (64, 128), "wrn28_2": (16, 32)}  # labeled, unlabeled rows per step (Pi-model: 2 views)
 
 
@@ -118,11 +124,12 @@ def _children(pid: int) -> list[int]:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the peak RSS of this process's children (the decoding workers) and the PSS of the whole tree."""
+    """Samples the peak RSS and private memory of this process's children (the decoding workers) and the PSS
+    (all, and anonymous only) of the whole tree."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.worker_peak_kib = self.tree_pss_kib = 0
+        self.worker_peak_kib = self.worker_private_kib = self.tree_pss_kib = self.tree_pss_anon_kib = 0
         self.running = True
 
     def run(self):
@@ -130,8 +137,11 @@ class MemorySampler(threading.Thread):
         while self.running:
             kids = _children(me)
             self.worker_peak_kib = max([self.worker_peak_kib, *(_kib(f"/proc/{k}/status", "VmHWM") for k in kids)])
+            self.worker_private_kib = max([self.worker_private_kib, *(_kib(f"/proc/{k}/smaps_rollup", "Private_Dirty:")
+                                                                     for k in kids)])
             pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in [me, *kids])
-            self.tree_pss_kib = max(self.tree_pss_kib, pss)
+            pss_anon = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss_Anon:") for p in [me, *kids])
+            self.tree_pss_kib, self.tree_pss_anon_kib = max(self.tree_pss_kib, pss), max(self.tree_pss_anon_kib, pss_anon)
             time.sleep(0.1)
 
 
@@ -153,7 +163,9 @@ def memory_point(root: Path, size: int, count: int, args) -> dict:
     return {"size": size, "unlabeled": count, "images": rows,
             "decoded_mib": rows * 3 * size * size / 2**20,
             "main_peak_rss_mib": _kib("/proc/self/status", "VmHWM") / 1024,
-            "worker_peak_rss_mib": sampler.worker_peak_kib / 1024, "tree_peak_pss_mib": sampler.tree_pss_kib / 1024,
+            "worker_peak_rss_mib": sampler.worker_peak_kib / 1024,
+            "worker_peak_private_mib": sampler.worker_private_kib / 1024, "tree_peak_pss_mib": sampler.tree_pss_kib / 1024,
+            "tree_peak_pss_anon_mib": sampler.tree_pss_anon_kib / 1024,
             "device_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
 
 
@@ -190,7 +202,9 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     p.add_argument("--counts", type=int, nargs="+", default=[2000, 10_000, 50_000])
     p.add_argument("--models", nargs="+", default=["small_cnn", "wrn28_2"])
-    p.add_argument("--only", nargs="+", default=["throughput", "memory", "step"])
+    p.add_argument("--only", nargs="+", default=["throughput", "memory", "step"],
+                   choices=["generate", "throughput", "memory", "step"],
+                   help="the parts to run (generate: only write the image sets)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -227,10 +241,13 @@ def main() -> int:
                     sys.exit(f"memory point failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
                 results["memory"].append(row := json.loads(line[0][7:]))
                 print(f"memory {size}x{size} {count:>6} unlabeled: main {row['main_peak_rss_mib']:.0f} MiB, worker "
-                      f"{row['worker_peak_rss_mib']:.0f} MiB, tree PSS {row['tree_peak_pss_mib']:.0f} MiB "
+                      f"{row['worker_peak_rss_mib']:.0f} MiB ({row['worker_peak_private_mib']:.0f} private), tree PSS "
+                      f"{row['tree_peak_pss_mib']:.0f} MiB ({row['tree_peak_pss_anon_mib']:.0f} anonymous) "
                       f"(decoded set {row['decoded_mib']:,.0f} MiB)", flush=True)
+    if {"generate", "step"} & set(args.only):
+        cifar = image_set(args.data, CIFAR["size"], args.cifar_unlabeled, CIFAR["train"], CIFAR["test"],
+                          CIFAR["classes"])
     if "step" in args.only:
-        cifar = image_set(args.data, CIFAR["size"], args.cifar_unlabeled, CIFAR["train"], CIFAR["test"], CIFAR["classes"])
         for model in args.models:
             results["step"].append(row := step_comparison(cifar, model, args))
             print(f"step {model}: resident {row['resident_step_s'] * 1e3:.1f} ms, streamed "
@@ -243,17 +260,18 @@ def main() -> int:
 
 def print_tables(results: dict) -> None:
     if results["memory"]:
-        print("\n| size | unlabeled | decoded set MiB | main peak RSS MiB | worker peak RSS MiB | tree peak PSS MiB "
-              "| device peak MiB |\n|---|---|---|---|---|---|---|")
+        print("\n| size | unlabeled | decoded set MiB | " + " | ".join(MEMORY_COLUMNS.values())
+              + " | device peak MiB |\n|---|---|---|" + "---|" * (len(MEMORY_COLUMNS) + 1))
         for r in results["memory"]:
             device = "n/a (CPU)" if r["device_peak_mib"] is None else f"{r['device_peak_mib']:.0f}"
-            print(f"| {r['size']} | {r['unlabeled']:,} | {r['decoded_mib']:,.0f} | {r['main_peak_rss_mib']:.0f} | "
-                  f"{r['worker_peak_rss_mib']:.0f} | {r['tree_peak_pss_mib']:.0f} | {device} |")
+            print(f"| {r['size']} | {r['unlabeled']:,} | {r['decoded_mib']:,.0f} | "
+                  + " | ".join(f"{r[key]:.0f}" for key in MEMORY_COLUMNS) + f" | {device} |")
+        print("\nspread over the counts (largest / smallest - 1; target <= 10%):\n\n| size | "
+              + " | ".join(MEMORY_COLUMNS.values()) + " |\n|---|" + "---|" * len(MEMORY_COLUMNS))
         for size in sorted({r["size"] for r in results["memory"]}):
             rows = [r for r in results["memory"] if r["size"] == size]
-            for key in ("main_peak_rss_mib", "worker_peak_rss_mib", "tree_peak_pss_mib"):
-                values = [r[key] for r in rows]
-                print(f"{size}x{size} {key}: largest / smallest count = {values[-1] / values[0]:.3f}")
+            spreads = [max(r[key] for r in rows) / min(r[key] for r in rows) - 1 for key in MEMORY_COLUMNS]
+            print(f"| {size} | " + " | ".join(f"{s:.1%}" for s in spreads) + " |")
     for r in results["throughput"]:
         print(f"throughput {r['size']}x{r['size']}: {r['images_per_s_per_worker']:,.0f} images/s per worker")
     for r in results["step"]:
