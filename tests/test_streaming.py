@@ -292,7 +292,7 @@ def test_decoding_jpegs_on_the_device_gives_the_same_rows(folder, tmp_path):
         assert torch.equal(a.x_u, b.x_u) and torch.equal(a.idx_u, b.idx_u) and torch.equal(a.x_l, b.x_l)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_stream_copies_and_nvjpeg(folder, tmp_path):
     """On a GPU: pinned batches copied on a side stream equal the resident rows; nvjpeg-decoded JPEGs are
     close to the CPU's (its IDCT differs by a few levels)."""
