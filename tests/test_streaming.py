@@ -295,7 +295,10 @@ def test_decoding_jpegs_on_the_device_gives_the_same_rows(folder, tmp_path):
 @pytest.mark.cuda
 def test_cuda_stream_copies_and_nvjpeg(folder, tmp_path):
     """On a GPU: pinned batches copied on a side stream equal the resident rows; nvjpeg-decoded JPEGs are
-    close to the CPU's (its IDCT differs by a few levels)."""
+    close to the CPU's (its IDCT differs by a few levels). Marked cuda: run by `pytest -m cuda` (gpu_check);
+    its CPU rehearsal skips it, as nvjpeg and side streams have no CPU form."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (nvjpeg, side-stream copies)")
     cuda = ["train.device=cuda", "train.amp=none"]
     resident = Trainer(folder_config(folder, "data.streaming=false", *cuda), tmp_path)
     streamed = Trainer(folder_config(folder, "data.streaming=true", *cuda), tmp_path)
