@@ -75,6 +75,7 @@ def _worker(rank, world, port, run_dir, steps, resume, out):
     config = make_config(*SETTINGS, f"train.steps={steps}", classes={"probe": Probe}, plugins=["pi_model", "probe"])
     try:
         train(config, run_dir, resume=resume, classes={**discover(), "probe": Probe})
+        torch.distributed.barrier()  # both ranks done before either tears gloo down (a rare abort at exit otherwise)
     finally:
         torch.distributed.destroy_process_group()
 
